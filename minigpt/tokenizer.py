@@ -183,6 +183,23 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 O200K_SPECIAL_TOKENS: dict[str, int] = {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}
 
 
+def _special_names(special_tokens: Iterable[str]) -> tuple[str, ...]:
+    """The special-token names as a tuple, refusing a bare string, empty names and repeats."""
+    if isinstance(special_tokens, str):
+        raise TypeError(
+            f"special_tokens must be a collection of token strings, such as ({special_tokens!r},), "
+            "not one string"
+        )
+    names = tuple(special_tokens)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"special tokens must be non-empty strings, found {name!r}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"special tokens must be distinct; {repeated} appear more than once")
+    return names
+
+
 def _append_specials(n_ranks: int, names: Iterable[str]) -> dict[str, int]:
     return {name: n_ranks + i for i, name in enumerate(names)}
 
@@ -305,7 +322,7 @@ class Tokenizer:
         self.splitter = splitter(pattern)
         self.mergeable_ranks = _checked_ranks(mergeable_ranks)
         if special_tokens is None:
-            special_tokens = _append_specials(len(mergeable_ranks), SPECIAL_TOKENS)
+            special_tokens = _append_specials(max(mergeable_ranks.values()) + 1, SPECIAL_TOKENS)
         self.special_tokens = _checked_specials(special_tokens, self.mergeable_ranks)
         self.name = name
         self.n_vocab = 1 + max([*self.mergeable_ranks.values(), *self.special_tokens.values()])
@@ -335,7 +352,7 @@ class Tokenizer:
         progress: bool = True,
     ) -> Tokenizer:
         """Learn a vocabulary of `vocab_size` tokens (256 bytes + merges + specials) from `text`."""
-        special_tokens = tuple(special_tokens)
+        special_tokens = _special_names(special_tokens)
         _check_vocab_size(vocab_size)
         ranks = train_bpe(text, vocab_size - len(special_tokens), pattern, special_tokens, progress)
         return cls(ranks, pattern, _append_specials(len(ranks), special_tokens), name)
@@ -549,7 +566,7 @@ def read_rank_file(path: str | Path) -> dict[bytes, int]:
 def _training_pieces(text: str, pattern: str, special_tokens: Iterable[str]) -> list[str]:
     """Pre-tokens of the training text; special-token text is cut out, never learned from."""
     _check_text(text)
-    special_tokens = frozenset(special_tokens)
+    special_tokens = frozenset(_special_names(special_tokens))
     chunks = _special_regex(special_tokens).split(text) if special_tokens else [text]
     split = splitter(pattern).split
     return [piece for chunk in chunks for piece in split(chunk)]
@@ -566,10 +583,12 @@ def _check_vocab_size(n_mergeable: int) -> None:
 
 
 class _Vocabulary:
-    """Token bytes by id during training. A merge whose bytes already exist reuses that id.
+    """Token bytes by id during training; a merge whose bytes already exist reuses that id.
 
-    Two different pairs can spell the same bytes ("a"+"bc" and "ab"+"c"); a rank file maps bytes
-    to one rank, so the second such merge reuses the first token instead of adding a duplicate.
+    A rank file maps bytes to one rank, so two tokens must never spell the same bytes. Training
+    does not produce such a pair ("a"+"bc" after "ab"+"c"): once a stretch of a word is merged it
+    is segmented the same wherever it occurs, and random texts never showed one. The check keeps
+    the invariant explicit all the same, at the cost of one dict lookup per merge.
     """
 
     def __init__(self) -> None:

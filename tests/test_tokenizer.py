@@ -408,7 +408,7 @@ def test_round_trip(which, request, shakespeare):
         assert b"".join(tokenizer.decode_tokens_bytes(ids)) == text.encode("utf-8")
 
 
-def test_decode_bytes_of_ids_that_split_a_character(o200k, o200k_tiktoken):
+def test_decode_bytes_of_ids_that_split_a_character(o200k):
     ranks = o200k.mergeable_ranks
     euro = "€".encode("utf-8")  # 3 bytes
     ids = [ranks[bytes([b])] for b in euro]
@@ -644,6 +644,25 @@ def test_train_appends_special_tokens(shakespeare):
     assert no_specials.special_tokens == {} and no_specials.n_vocab == 300
 
 
+def test_train_rejects_a_string_of_special_tokens(shakespeare):
+    with pytest.raises(TypeError, match="special[_ ]tokens"):
+        Tokenizer.train(shakespeare[:5000], 300, special_tokens="<|endoftext|>", progress=False)
+
+
+def test_train_with_a_repeated_special_token(shakespeare):
+    try:
+        tokenizer = Tokenizer.train(shakespeare[:5000], 300, special_tokens=["<|a|>"] * 2, progress=False)
+    except ValueError as error:  # refusing is fine
+        assert "<|a|>" in str(error)
+    else:  # so is keeping it once, as long as every id below n_vocab means something
+        tokenizer.decode(range(tokenizer.n_vocab))
+
+
+def test_train_rejects_an_empty_special_token(shakespeare):
+    with pytest.raises((TypeError, ValueError), match="non-empty"):
+        Tokenizer.train(shakespeare[:5000], 300, special_tokens=["<|endoftext|>", ""], progress=False)
+
+
 @pytest.mark.parametrize("pattern", ["o200k", "cl100k"])
 def test_saved_vocabulary_loads_here_and_in_tiktoken(pattern, tmp_path, monkeypatch, shakespeare):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
@@ -807,7 +826,7 @@ def test_lone_surrogate(o200k, small_tokenizer):
         o200k.encode_ordinary("abc \ud83d\ude00")
 
 
-def _write(tmp_path, name: str, lines: list[str]) -> str:
+def _write(tmp_path, name: str, lines: list[str]):
     path = tmp_path / name
     path.write_text("".join(line + "\n" for line in lines), encoding="ascii")
     return path
@@ -855,6 +874,13 @@ def test_rank_file_missing_bytes_empty_or_missing(tmp_path):
     assert Tokenizer.load(good).n_vocab == 257 + len(SPECIAL_TOKENS)
     with pytest.raises(ValueError, match=r"special token '<\|x\|>' needs a free non-negative id"):
         Tokenizer.load(good, special_tokens={"<|x|>": 5})
+
+
+def test_default_specials_follow_ranks_with_a_gap():
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks[b"ab"] = 257  # 256 is unused, as tiktoken allows
+    tokenizer = Tokenizer(ranks)
+    assert min(tokenizer.special_tokens.values()) > 257
 
 
 def _valid_gzip() -> bytes:
