@@ -1,0 +1,252 @@
+"""Training: AdamW with warmup and cosine decay, validation in bits per byte, checkpoints, and
+DistributedDataParallel when launched with `torchrun`.
+
+    python -m minigpt.train --preset mini --steps 2000             # one process
+    torchrun --nproc_per_node=2 -m minigpt.train --preset mini     # DDP: gloo on CPU, nccl on GPU
+
+Every rank draws the *same* seeded global batch and trains on its own slice of it; DDP averages
+the gradients, so N processes take exactly the steps one process would take on the global batch.
+
+Validation loss is reported in **bits per byte** of held-out Shakespeare: the model's total
+surprise about the validation text divided by its length in bytes. Unlike loss per token it does
+not depend on the tokenizer, so it compares with character-level and other recipes directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from minigpt import data
+from minigpt.model import GPT, GPTConfig, preset
+from minigpt.tokenizer import Tokenizer
+
+CHECKPOINT_DIR = data.DATA_DIR / "checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: the schedule, the batch, and when to evaluate and save."""
+
+    preset: str = "mini"
+    steps: int = 2000
+    batch_size: int = 16  # sequences per step, across all processes
+    learning_rate: float = 3e-3
+    min_learning_rate: float = 3e-4  # the cosine schedule ends here
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_windows: int = 64  # validation windows per periodic evaluation (the final one uses all)
+    seed: int = 0
+    time_budget: float | None = None  # seconds of training after which to stop early
+    model_overrides: dict = field(default_factory=dict)  # GPTConfig fields to change from the preset
+
+
+@lru_cache(maxsize=4)
+def corpus_tokens(split: str, tokenizer_name: str = "minigpt-8k") -> torch.Tensor:
+    """The Shakespeare split encoded with the course tokenizer, as one long `int64` tensor."""
+    tokenizer = load_tokenizer(tokenizer_name)
+    return torch.tensor(tokenizer.encode_ordinary(data.shakespeare_text(split)), dtype=torch.long)
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str) -> Tokenizer:
+    """A course tokenizer by name: its rank file lives in `data/tokenizer/`."""
+    path = data.DATA_DIR / "tokenizer" / f"{name}.tiktoken"
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer {name!r} at {path}; train it with `python -m minigpt.tokenizer train`")
+    return Tokenizer.load(path)
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
+    """UTF-8 length of every token id `(n_vocab,)`: turns a sum of losses into bits per byte."""
+    return torch.tensor([len(b) for b in tokenizer.decode_tokens_bytes(range(tokenizer.n_vocab))])
+
+
+def sample_batch(
+    tokens: torch.Tensor, batch_size: int, context: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of `context + 1` tokens: inputs `(B, context)` and next-token targets `(B, context)`."""
+    starts = torch.randint(len(tokens) - context, (batch_size,), generator=generator)
+    windows = torch.stack([tokens[s : s + context + 1] for s in starts.tolist()])
+    return windows[:, :-1], windows[:, 1:]
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup to the peak rate, then cosine decay to the minimum at the last step."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.min_learning_rate + (config.learning_rate - config.min_learning_rate) * cosine
+
+
+@torch.no_grad()
+def bits_per_byte(model: GPT, tokens: torch.Tensor, byte_lengths: torch.Tensor, max_windows: int | None = None) -> float:
+    """Validation loss in bits per byte over consecutive non-overlapping windows of `tokens`."""
+    context = model.config.context
+    n_windows = (len(tokens) - 1) // context
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    was_training = model.training
+    model.eval()
+    total_nats, total_bytes = 0.0, 0
+    for start in range(0, n_windows, 16):
+        rows = range(start, min(start + 16, n_windows))
+        x = torch.stack([tokens[r * context : (r + 1) * context] for r in rows])
+        y = torch.stack([tokens[r * context + 1 : (r + 1) * context + 1] for r in rows])
+        logits = model(x).logits
+        total_nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        total_bytes += byte_lengths[y].sum().item()
+    model.train(was_training)
+    return total_nats / math.log(2) / total_bytes
+
+
+def save_checkpoint(path: str | Path, model: GPT, optimizer: torch.optim.Optimizer | None, step: int, train_config: TrainConfig, history: dict) -> None:
+    """Write a checkpoint that carries its model config and tokenizer name, so its path is all a loader needs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {
+        "model": model.state_dict(),
+        "model_config": asdict(model.config),
+        "train_config": json.dumps(asdict(train_config)),
+        "step": step,
+        "history": json.dumps(history),
+    }
+    if optimizer is not None:
+        checkpoint["optimizer"] = optimizer.state_dict()
+    torch.save(checkpoint, path)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """The model in a checkpoint, and the checkpoint itself (step, configs, history, optimizer state).
+
+    Loaded with `weights_only=True`: tensors and plain data only, never arbitrary pickled code.
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        model = GPT(GPTConfig(**checkpoint["model_config"])).to(device)
+        model.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # a truncated, corrupt or foreign file
+        raise ValueError(f"{path} is not a readable minigpt checkpoint: {type(error).__name__}: {error}") from None
+    return model, checkpoint
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), starting the process group when launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _any_rank(flag: bool, world: int) -> bool:
+    """True if `flag` is true on any process, so that all stop at the same step."""
+    if world == 1:
+        return flag
+    flag_tensor = torch.tensor([int(flag)])
+    dist.all_reduce(flag_tensor, op=dist.ReduceOp.MAX)
+    return bool(flag_tensor.item())
+
+
+def train(config: TrainConfig, out: Path | None = None, resume: Path | None = None, progress: bool = True) -> tuple[GPT, dict]:
+    """Train a model as `config` says; returns it and its history (steps, losses, bits per byte, seconds)."""
+    rank, world = _distributed()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world})")
+    torch.manual_seed(config.seed)
+    model_config = preset(config.preset, **config.model_overrides)
+    model = GPT(model_config)
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": config.weight_decay},
+         {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+        lr=config.learning_rate, betas=(0.9, 0.95),
+    )
+    history = {"step": [], "train_loss": [], "val_step": [], "val_bpb": [], "seconds": []}
+    start_step = 0
+    if resume is not None:
+        loaded, checkpoint = load_checkpoint(resume)
+        model.load_state_dict(loaded.state_dict())
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step, history = checkpoint["step"], json.loads(checkpoint["history"])
+    ddp_model = DistributedDataParallel(model) if world > 1 else model
+
+    train_tokens, val_tokens = corpus_tokens("train", model_config.tokenizer), corpus_tokens("val", model_config.tokenizer)
+    byte_lengths = token_byte_lengths(load_tokenizer(model_config.tokenizer))
+    generator = torch.Generator().manual_seed(config.seed)
+    for _ in range(start_step):  # replay the batch stream, so a resumed run sees the same batches
+        sample_batch(train_tokens, config.batch_size, model_config.context, generator)
+    local = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
+
+    elapsed = history["seconds"][-1] if history["seconds"] else 0.0
+    clock = time.perf_counter() - elapsed
+    bar = tqdm(range(start_step, config.steps), desc=f"training {config.preset}", disable=not progress or rank != 0)
+    for step in bar:
+        x, y = sample_batch(train_tokens, config.batch_size, model_config.context, generator)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        loss = ddp_model(x[local], y[local]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        seconds = time.perf_counter() - clock
+        history["step"].append(step + 1)
+        history["train_loss"].append(loss.item())
+        history["seconds"].append(seconds)
+        out_of_time = config.time_budget is not None and _any_rank(seconds >= config.time_budget, world)
+        last = step + 1 == config.steps or out_of_time
+        if rank == 0 and ((step + 1) % config.eval_every == 0 or last):
+            bpb = bits_per_byte(model, val_tokens, byte_lengths, None if last else config.eval_windows)
+            history["val_step"].append(step + 1)
+            history["val_bpb"].append(bpb)
+            bar.set_postfix(loss=f"{loss.item():.3f}", val_bpb=f"{bpb:.3f}")
+        if last:
+            break
+    if rank == 0 and out is not None:
+        save_checkpoint(out, model, optimizer, history["step"][-1], config, history)
+    return model, history
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: train a preset and save its checkpoint."""
+    parser = argparse.ArgumentParser(prog="python -m minigpt.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainConfig()
+    parser.add_argument("--preset", default=defaults.preset)
+    for name in ("steps", "batch_size", "warmup_steps", "eval_every", "eval_windows", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoint path (default: data/checkpoints/PRESET.pt)")
+    parser.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint")
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out") or CHECKPOINT_DIR / f"{args['preset']}.pt"
+    resume = args.pop("resume")
+    config = replace(defaults, **args)
+    _, history = train(config, out, resume)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{config.preset}: {history['step'][-1]} steps in {history['seconds'][-1]:.0f} s, "
+              f"validation {history['val_bpb'][-1]:.3f} bits per byte -> {out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,534 @@
+"""Tests for minigpt/model.py: presets, the building blocks, the forward pass, the KV cache, the
+embedding splice point, a training sanity check, and clear errors on bad inputs.
+
+Small configs throughout (a vocabulary of 97, a context of 24) except where a preset is the point.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt.model import (
+    GPT,
+    PRESETS,
+    Block,
+    CausalSelfAttention,
+    GPTConfig,
+    ModelOutput,
+    RMSNorm,
+    SwiGLU,
+    describe_presets,
+    preset,
+)
+
+VOCAB, CONTEXT = 97, 24
+IMPLS = ["sdpa", "explicit", "chunked"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def small_config(**overrides) -> GPTConfig:
+    fields = dict(vocab_size=VOCAB, context=CONTEXT, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    return GPTConfig(**{**fields, **overrides})
+
+
+def small_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(small_config(**overrides)).eval()
+
+
+def random_ids(batch: int, length: int, vocab: int = VOCAB, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def expected_parameters(c: GPTConfig) -> int:
+    """The parameter count worked out by hand from the architecture (no biases)."""
+    d, hd = c.n_embd, c.head_dim
+    attention = d * c.n_head * hd + d * 2 * c.n_kv_head * hd + c.n_head * hd * d
+    mlp = 3 * d * c.hidden
+    block = attention + mlp + 2 * d  # two RMSNorm gains
+    embeddings = c.vocab_size * d * (1 if c.tie_embeddings else 2)
+    return embeddings + c.n_layer * block + d  # + the final norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and parameter counts
+
+
+def test_preset_names_in_size_order():
+    assert list(PRESETS) == ["nano", "mini", "full"]
+
+
+def test_preset_parameter_counts_increase_and_sit_near_their_targets():
+    counts = {name: GPT(config).num_parameters() for name, config in PRESETS.items()}
+    assert counts["nano"] < counts["mini"] < counts["full"]
+    assert 300_000 <= counts["nano"] <= 1_000_000  # ~0.5M
+    assert 1_000_000 <= counts["mini"] <= 3_000_000  # ~2M
+    assert 5_000_000 <= counts["full"] <= 12_000_000  # ~8M
+    for name, config in PRESETS.items():
+        assert counts[name] == expected_parameters(config), name
+
+
+def test_default_mlp_width_is_eight_thirds_rounded_up_to_32():
+    assert preset("nano").hidden == 192  # 8/3 * 64 = 170.7 -> 192
+    assert preset("mini").hidden == 352  # 8/3 * 128 = 341.3 -> 352
+    assert preset("full").hidden == 704  # 8/3 * 256 = 682.7 -> 704
+    assert small_config(mlp_hidden=40).hidden == 40
+    model = GPT(small_config(mlp_hidden=40))
+    assert model.blocks[0].mlp.gate.weight.shape == (40, 32)
+
+
+def test_describe_presets_lists_each_preset_with_its_parameter_count():
+    table = describe_presets()
+    lines = table.splitlines()
+    assert len(lines) == 1 + len(PRESETS)
+    for name, config in PRESETS.items():
+        model = GPT(config)
+        (line,) = [line for line in lines if line.split()[0] == name]
+        assert f"{model.num_parameters():,}" in line.split()
+        assert f"{model.num_parameters(embedding=False):,}" in line.split()
+
+
+def test_preset_overrides_fields_without_touching_the_preset():
+    config = preset("nano", context=32, vocab_size=300)
+    assert (config.context, config.vocab_size) == (32, 300)
+    assert (config.n_layer, config.n_head, config.n_kv_head, config.n_embd) == (2, 4, 1, 64)
+    assert PRESETS["nano"].context == 256 and PRESETS["nano"].vocab_size == 8192
+
+
+def test_tied_embeddings_share_one_tensor_counted_once():
+    config = small_config()
+    assert config.tie_embeddings
+    model = GPT(config)
+    assert model.lm_head.weight is model.token_embedding.weight
+    assert model.num_parameters() == expected_parameters(config)
+    assert model.num_parameters(embedding=False) == expected_parameters(config) - VOCAB * 32
+    untied = GPT(small_config(tie_embeddings=False))
+    assert untied.lm_head.weight is not untied.token_embedding.weight
+    assert untied.num_parameters() == model.num_parameters() + VOCAB * 32
+    assert untied.num_parameters() == sum(p.numel() for p in untied.state_dict().values())
+
+
+def test_tied_model_gradient_flows_into_the_shared_table_from_both_ends():
+    model = small_model()
+    ids = random_ids(2, 8)
+    model(ids, targets=random_ids(2, 8, seed=2)).loss.backward()
+    grad = model.token_embedding.weight.grad
+    assert grad is not None
+    unused = sorted(set(range(VOCAB)) - set(ids.flatten().tolist()))
+    assert grad[unused].abs().sum() > 0  # tokens never in the input still get the output layer's gradient
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])  # at 1e-3 the mean square (~1e-6) is comparable to eps
+def test_rmsnorm_equals_torch_rms_norm(scale):
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+    x = torch.randn(3, 5, 16) * scale
+    want = F.rms_norm(x, (16,), weight=norm.weight, eps=1e-5)
+    torch.testing.assert_close(norm(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_rmsnorm_output_has_unit_root_mean_square_with_unit_gain():
+    x = torch.randn(4, 32) * 7 + 3
+    y = RMSNorm(32, eps=0.0)(x)
+    torch.testing.assert_close(y.pow(2).mean(dim=-1).sqrt(), torch.ones(4), rtol=1e-5, atol=0)
+
+
+def test_swiglu_equals_hand_written_gated_mlp():
+    mlp = SwiGLU(12, 20)
+    x = torch.randn(2, 3, 12)
+    gate = x @ mlp.gate.weight.T
+    up = x @ mlp.up.weight.T
+    want = (gate * torch.sigmoid(gate) * up) @ mlp.down.weight.T
+    torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-6)
+    assert all(layer.bias is None for layer in (mlp.gate, mlp.up, mlp.down))
+
+
+def test_block_is_pre_norm_residual():
+    # with zeroed output projections both sublayers add nothing: the block is the identity
+    config = small_config()
+    block = Block(config)
+    with torch.no_grad():
+        block.attention.out.weight.zero_()
+        block.mlp.down.weight.zero_()
+    x = torch.randn(2, 6, 32)
+    cos, sin = GPT(config).rotary(0, 6)
+    out, weights = block(x, cos, sin)
+    assert torch.equal(out, x) and weights is None
+
+
+def test_attention_module_has_grouped_key_value_projection():
+    attention = CausalSelfAttention(small_config(n_head=4, n_kv_head=2))
+    assert attention.query.weight.shape == (4 * 8, 32)
+    assert attention.key_value.weight.shape == (2 * 2 * 8, 32)
+    assert attention.out.weight.shape == (32, 4 * 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward pass
+
+
+def test_forward_logits_shape_and_no_loss_without_targets():
+    model = small_model()
+    out = model(random_ids(3, 10))
+    assert isinstance(out, ModelOutput)
+    assert out.logits.shape == (3, 10, VOCAB)
+    assert out.loss is None and out.attentions is None
+
+
+def test_loss_equals_cross_entropy_of_the_logits():
+    model = small_model()
+    ids, targets = random_ids(2, 12), random_ids(2, 12, seed=5)
+    out = model(ids, targets=targets)
+    want = F.cross_entropy(out.logits.reshape(-1, VOCAB), targets.reshape(-1))
+    assert out.loss.ndim == 0
+    torch.testing.assert_close(out.loss, want)
+    # the loss is a function of the logits at every position, not only the last
+    manual = -torch.log_softmax(out.logits.double(), dim=-1).gather(-1, targets[..., None]).mean()
+    assert out.loss.item() == pytest.approx(manual.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("config", [preset("nano", context=32), small_config()], ids=["nano", "small"])
+def test_fresh_model_loss_is_near_uniform(config):
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    ids = random_ids(2, 32 if config.context >= 32 else 16, config.vocab_size)
+    targets = random_ids(*ids.shape, config.vocab_size, seed=9)
+    loss = model(ids, targets=targets).loss.item()
+    assert abs(loss - math.log(config.vocab_size)) < 0.3
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_attention_implementations_agree(n_kv_head):
+    # T = 300 runs the chunked path over two 256-position blocks, exercising its online softmax
+    model = small_model(context=320, n_kv_head=n_kv_head)
+    ids = random_ids(2, 300)
+    with torch.no_grad():
+        logits = {impl: model(ids, attention_impl=impl).logits for impl in IMPLS}
+    torch.testing.assert_close(logits["explicit"], logits["sdpa"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits["chunked"], logits["sdpa"], rtol=0, atol=1e-5)
+
+
+def test_return_attention_gives_causal_probabilities_per_layer():
+    model = small_model(n_layer=3)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        plain = model(ids).logits
+        out = model(ids, return_attention=True)
+    assert len(out.attentions) == 3
+    mask_above = torch.ones(9, 9, dtype=torch.bool).triu(diagonal=1)
+    for weights in out.attentions:
+        assert weights.shape == (2, 4, 9, 9)
+        torch.testing.assert_close(weights.sum(dim=-1), torch.ones(2, 4, 9), rtol=0, atol=1e-6)
+        assert torch.all(weights[..., mask_above] == 0)
+        assert torch.all(weights[..., ~mask_above] > 0)
+        assert torch.all(weights[..., 0, 0] == 1)  # the first position can only look at itself
+    torch.testing.assert_close(out.logits, plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("t", [0, 5, 11])
+def test_changing_a_token_never_changes_earlier_logits(impl, t):
+    model = small_model()
+    ids = random_ids(2, 12)
+    changed = ids.clone()
+    changed[:, t] = (changed[:, t] + 1 + torch.arange(2)) % VOCAB
+    with torch.no_grad():
+        before = model(ids, attention_impl=impl).logits
+        after = model(changed, attention_impl=impl).logits
+    torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
+    assert (after[:, t:] - before[:, t:]).abs().amax(dim=-1).min() > 1e-5  # the change is seen from t on
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_prefill_then_token_by_token_decoding_matches_full_forward(n_kv_head, impl):
+    model = small_model(n_kv_head=n_kv_head)
+    ids = random_ids(2, 14)
+    with torch.no_grad():
+        full = model(ids, attention_impl=impl).logits
+        cache = model.new_kv_cache(2)
+        pieces = [model(ids[:, :5], kv_cache=cache, attention_impl=impl).logits]
+        for t in range(5, 14):
+            pieces.append(model(ids[:, t : t + 1], kv_cache=cache, attention_impl=impl).logits)
+            assert len(cache) == t + 1
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_prefill_in_two_chunks_then_decode_matches_full_forward(n_kv_head):
+    model = small_model(n_kv_head=n_kv_head)
+    ids = random_ids(3, 16)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_kv_cache(3)
+        pieces = [model(ids[:, :3], kv_cache=cache).logits, model(ids[:, 3:10], kv_cache=cache).logits]
+        pieces += [model(ids[:, t : t + 1], kv_cache=cache).logits for t in range(10, 16)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_cache_attention_weights_have_past_plus_new_columns():
+    model = small_model()
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        full = model(ids, return_attention=True).attentions
+        cache = model.new_kv_cache(2)
+        first = model(ids[:, :4], kv_cache=cache, return_attention=True).attentions
+        chunk = model(ids[:, 4:7], kv_cache=cache, return_attention=True).attentions
+        step = model(ids[:, 7:8], kv_cache=cache, return_attention=True).attentions
+    for layer in range(2):
+        assert first[layer].shape == (2, 4, 4, 4)
+        assert chunk[layer].shape == (2, 4, 3, 7)
+        assert step[layer].shape == (2, 4, 1, 8)
+        # the rows are those of the full attention matrix, cut at the keys seen so far
+        torch.testing.assert_close(chunk[layer], full[layer][:, :, 4:7, :7], rtol=0, atol=1e-6)
+        torch.testing.assert_close(step[layer], full[layer][:, :, 7:8, :8], rtol=0, atol=1e-6)
+
+
+def test_new_kv_cache_is_sized_for_the_model():
+    model = small_model(n_kv_head=2)
+    cache = model.new_kv_cache(3)
+    assert len(cache) == 0
+    assert cache.max_len == CONTEXT
+    assert cache.k.shape == (2, 3, 2, CONTEXT, 8)
+    assert model.new_kv_cache(1, max_len=10).max_len == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedding splice point
+
+
+def test_forward_embeddings_of_embed_equals_forward():
+    model = small_model()
+    ids, targets = random_ids(2, 10), random_ids(2, 10, seed=3)
+    with torch.no_grad():
+        via_ids = model(ids, targets=targets)
+        embeddings = model.embed(ids)
+        via_embeddings = model.forward_embeddings(embeddings, targets=targets)
+    assert embeddings.shape == (2, 10, 32)
+    assert torch.equal(embeddings, model.token_embedding.weight[ids])
+    torch.testing.assert_close(via_embeddings.logits, via_ids.logits, rtol=0, atol=0)
+    torch.testing.assert_close(via_embeddings.loss, via_ids.loss, rtol=0, atol=0)
+
+
+def test_forward_embeddings_uses_the_given_vectors_and_a_cache():
+    model = small_model()
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        x = model.embed(ids)
+        spliced = x.clone()
+        spliced[:, 3:5] = torch.randn(1, 2, 32) * 0.02  # e.g. image embeddings in the middle
+        a = model.forward_embeddings(spliced).logits
+        assert not torch.allclose(a[:, 3:], model(ids).logits[:, 3:], atol=1e-4)
+        torch.testing.assert_close(a[:, :3], model(ids).logits[:, :3], rtol=0, atol=1e-6)
+        cache = model.new_kv_cache(1)
+        b = torch.cat(
+            [model.forward_embeddings(spliced[:, :5], kv_cache=cache).logits,
+             model.forward_embeddings(spliced[:, 5:], kv_cache=cache).logits], dim=1
+        )
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training sanity and determinism
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, context=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+    ids = random_ids(4, 16, vocab=32, seed=11)
+    targets = random_ids(4, 16, vocab=32, seed=12)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(100):
+        loss = model(ids, targets=targets).loss
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    final = model(ids, targets=targets).loss.item()
+    assert final < first / 2, (first, final)
+
+
+def test_same_seed_gives_same_initial_weights():
+    config = small_config()
+    torch.manual_seed(42)
+    a = GPT(config)
+    torch.manual_seed(42)
+    b = GPT(config)
+    torch.manual_seed(43)
+    c = GPT(config)
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+    assert not torch.equal(a.token_embedding.weight, c.token_embedding.weight)
+    ids = random_ids(1, 6)
+    assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_residual_projections_start_smaller():
+    model = GPT(small_config(n_layer=8))
+    std = 0.02 / math.sqrt(16)
+    assert model.blocks[0].attention.out.weight.std().item() == pytest.approx(std, rel=0.15)
+    assert model.blocks[0].mlp.down.weight.std().item() == pytest.approx(std, rel=0.15)
+    assert model.blocks[0].attention.query.weight.std().item() == pytest.approx(0.02, rel=0.15)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(small_config()).eval()
+
+
+def test_float_ids_are_a_type_error(model):
+    with pytest.raises(TypeError, match=r"token ids must be an integer tensor.*float32"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(TypeError, match=r"integer tensor"):
+        model([[1, 2, 3]])
+
+
+@pytest.mark.parametrize("bad", [VOCAB, VOCAB + 50, -1])
+def test_ids_outside_the_vocabulary_name_the_range(model, bad):
+    ids = random_ids(1, 5)
+    ids[0, 2] = bad
+    with pytest.raises(ValueError, match=rf"token ids must lie in \[0, {VOCAB}\)"):
+        model(ids)
+
+
+@pytest.mark.parametrize("shape", [(5,), (1, 2, 5)])
+def test_ids_must_be_two_dimensional(model, shape):
+    with pytest.raises(ValueError, match=r"shape \(batch, time\)"):
+        model(torch.zeros(shape, dtype=torch.long))
+
+
+def test_sequence_longer_than_context_is_refused(model):
+    with pytest.raises(ValueError, match=rf"exceed the model's context of {CONTEXT}"):
+        model(random_ids(1, CONTEXT + 1))
+    with pytest.raises(ValueError, match=r"context"):
+        model.forward_embeddings(torch.zeros(1, CONTEXT + 1, 32))
+    assert model(random_ids(1, CONTEXT)).logits.shape == (1, CONTEXT, VOCAB)  # exactly full is fine
+
+
+def test_decoding_past_the_context_through_the_cache_is_refused(model):
+    cache = model.new_kv_cache(1)
+    ids = random_ids(1, CONTEXT)
+    with torch.no_grad():
+        model(ids[:, :20], kv_cache=cache)
+        for t in range(20, CONTEXT):
+            model(ids[:, t : t + 1], kv_cache=cache)
+        assert len(cache) == CONTEXT
+        with pytest.raises(ValueError, match=rf"{CONTEXT} cached \+ 1 new tokens exceed the model's context"):
+            model(ids[:, :1], kv_cache=cache)
+    assert cache.lengths == [CONTEXT] * 2  # the refusal left the cache as it was
+
+    fresh = model.new_kv_cache(1)
+    model(ids[:, :20], kv_cache=fresh)
+    with pytest.raises(ValueError, match=r"20 cached \+ 5 new tokens exceed .*context"):
+        model(random_ids(1, 5), kv_cache=fresh)
+    assert fresh.lengths == [20, 20]
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ValueError, match=r"unknown preset 'huge'.*'nano', 'mini', 'full'"):
+        preset("huge")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(n_embd=30, n_head=4), r"n_embd \(30\) must be a multiple of n_head \(4\)"),
+        (dict(n_head=4, n_kv_head=3), r"n_kv_head \(3\) must divide n_head \(4\)"),
+        (dict(n_head=4, n_kv_head=8), r"n_kv_head \(8\) must divide n_head \(4\)"),
+        (dict(n_embd=12, n_head=4), r"head_dim \(3\) must be even"),
+        (dict(vocab_size=0), r"vocab_size must be a positive integer, got 0"),
+        (dict(context=-1), r"context must be a positive integer, got -1"),
+        (dict(n_layer=0), r"n_layer must be a positive integer"),
+        (dict(n_head=0), r"n_head must be a positive integer"),
+        (dict(n_kv_head=0), r"n_kv_head must be a positive integer"),
+        (dict(n_embd=-32), r"n_embd must be a positive integer"),
+        (dict(n_embd=32.0), r"n_embd must be a positive integer, got 32.0"),
+    ],
+)
+def test_invalid_configs_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**overrides)
+
+
+def test_invalid_preset_overrides_are_refused():
+    with pytest.raises(ValueError, match=r"n_kv_head \(3\) must divide n_head \(4\)"):
+        preset("nano", n_kv_head=3)
+
+
+def test_rope_base_not_above_one_is_refused():
+    with pytest.raises(ValueError, match=r"base must be greater than 1"):
+        GPT(small_config(rope_base=1.0))
+
+
+def test_negative_mlp_width_is_refused():
+    with pytest.raises(ValueError, match=r"mlp_hidden"):
+        small_config(mlp_hidden=-32)
+
+
+def test_unknown_attention_impl_is_refused(model):
+    with pytest.raises(ValueError, match=r"unknown attention impl 'flash'.*'sdpa', 'explicit' or 'chunked'"):
+        model(random_ids(1, 4), attention_impl="flash")
+
+
+def test_unknown_attention_impl_is_refused_with_return_attention(model):
+    with pytest.raises(ValueError, match=r"unknown attention impl"):
+        model(random_ids(1, 4), return_attention=True, attention_impl="flash")
+
+
+def test_refused_attention_impl_leaves_the_cache_untouched(model):
+    ids = random_ids(1, 6)
+    cache = model.new_kv_cache(1)
+    with pytest.raises(ValueError, match=r"unknown attention impl"):
+        model(ids[:, :3], kv_cache=cache, attention_impl="flash")
+    assert cache.lengths == [0, 0]
+    with torch.no_grad():
+        cached = torch.cat([model(ids[:, :3], kv_cache=cache).logits, model(ids[:, 3:], kv_cache=cache).logits], 1)
+    torch.testing.assert_close(cached, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_targets_outside_the_vocabulary_are_refused(model):
+    ids = random_ids(1, 5)
+    for bad in (VOCAB, -1):
+        targets = random_ids(1, 5, seed=4)
+        targets[0, -1] = bad
+        with pytest.raises(ValueError, match=rf"targets must lie in \[0, {VOCAB}\)"):
+            model(ids, targets=targets)
+    with pytest.raises(TypeError, match=r"targets must be an integer tensor"):
+        model(ids, targets=torch.zeros(1, 5))
+
+
+def test_int32_ids_work_like_int64(model):
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.int()).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8])
+def test_small_integer_ids_work_or_are_a_clear_type_error(model, dtype):
+    ids = random_ids(2, 6)
+    try:
+        logits = model(ids.to(dtype)).logits
+    except TypeError:
+        return  # refusing them up front, with a TypeError, is fine too
+    torch.testing.assert_close(logits, model(ids).logits, rtol=0, atol=0)
