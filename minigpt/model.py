@@ -228,6 +228,43 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return ModelOutput(logits, loss, attentions if return_attention else None)
 
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue `idx` `(B, T)` by `max_new_tokens` tokens: greedy at temperature 0, else sampled.
+
+        With `use_cache` the prompt is run once and each new token attends to the cached keys and
+        values; without it every step recomputes the whole sequence (the slow baseline).
+        """
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 100 or math.isnan(temperature):
+            raise ValueError(f"temperature must be a number from 0 (greedy) to 100, got {temperature!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        _check_ids(idx, self.config.vocab_size)
+        if idx.shape[1] + max_new_tokens > self.config.context:
+            raise ValueError(
+                f"a {idx.shape[1]}-token prompt plus {max_new_tokens} new tokens exceeds the model's context "
+                f"of {self.config.context}; shorten the prompt or ask for fewer tokens"
+            )
+        cache = self.new_kv_cache(idx.shape[0]) if use_cache else None
+        sequence, step_input = idx, idx
+        for _ in range(max_new_tokens):
+            logits = self(step_input, kv_cache=cache).logits[:, -1].float()  # (B, vocab)
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                probabilities = (logits / temperature).softmax(dim=-1)
+                next_token = torch.multinomial(probabilities, 1, generator=generator)
+            sequence = torch.cat([sequence, next_token], dim=1)
+            step_input = next_token if use_cache else sequence
+        return sequence
+
     def new_kv_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         """An empty KV cache sized for this model (by default, its whole context)."""
         c = self.config

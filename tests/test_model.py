@@ -532,3 +532,39 @@ def test_small_integer_ids_work_or_are_a_clear_type_error(model, dtype):
     except TypeError:
         return  # refusing them up front, with a TypeError, is fine too
     torch.testing.assert_close(logits, model(ids).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def test_greedy_generation_with_and_without_the_cache_agree(model):
+    prompt = random_ids(2, 5)
+    cached = model.generate(prompt, 12)
+    recomputed = model.generate(prompt, 12, use_cache=False)
+    assert cached.shape == (2, 17) and torch.equal(cached[:, :5], prompt)
+    assert torch.equal(cached, recomputed)
+    # greedy means: each new token is the argmax of the model's logits for the sequence so far
+    with torch.no_grad():
+        assert torch.equal(cached[:, 5], model(prompt).logits[:, -1].argmax(-1))
+
+
+def test_sampling_is_reproducible_with_a_generator_and_varies_without(model):
+    prompt = random_ids(1, 4)
+    first = model.generate(prompt, 15, temperature=1.5, generator=torch.Generator().manual_seed(3))
+    again = model.generate(prompt, 15, temperature=1.5, generator=torch.Generator().manual_seed(3))
+    other = model.generate(prompt, 15, temperature=1.5, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("temperature", [-0.1, float("nan"), 1000.0, "hot"])
+def test_bad_temperature_is_refused(model, temperature):
+    with pytest.raises(ValueError, match="temperature must be a number from 0"):
+        model.generate(random_ids(1, 3), 2, temperature=temperature)
+
+
+def test_generation_beyond_the_context_is_refused(model):
+    with pytest.raises(ValueError, match=rf"plus 5 new tokens exceeds the model's context of {CONTEXT}"):
+        model.generate(random_ids(1, CONTEXT - 4), 5)
+    with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer"):
+        model.generate(random_ids(1, 3), -1)
