@@ -171,7 +171,7 @@ class KVCache:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `k, v` `(B, n_kv_head, T, head_dim)` after the layer's past; return all keys and values so far."""
         start, n_new = self.lengths[layer], k.shape[2]
-        if k.shape[:2] != self.k.shape[1:3] or k.shape[3] != self.k.shape[4] or k.shape != v.shape:
+        if k.ndim != 4 or k.shape[:2] != self.k.shape[1:3] or k.shape[3] != self.k.shape[4] or k.shape != v.shape:
             raise ValueError(
                 f"k {tuple(k.shape)} and v {tuple(v.shape)} do not fit a cache of "
                 f"(batch, n_kv_head, time, head_dim) = {tuple(self.k.shape[1:3])} x time x {self.k.shape[4]}"
