@@ -172,7 +172,12 @@ def train(config: TrainConfig, out: Path | None = None, resume: Path | None = No
         raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world})")
     torch.manual_seed(config.seed)
     model_config = preset(config.preset, **config.model_overrides)
-    model = GPT(model_config)
+    if resume is None:
+        model = GPT(model_config)
+    else:
+        model, checkpoint = load_checkpoint(resume)
+        if model.config != model_config:
+            raise ValueError(f"{resume} holds a model of config {model.config}, not the {model_config} asked for")
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": config.weight_decay},
          {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
@@ -181,8 +186,6 @@ def train(config: TrainConfig, out: Path | None = None, resume: Path | None = No
     history = {"step": [], "train_loss": [], "val_step": [], "val_bpb": [], "seconds": []}
     start_step = 0
     if resume is not None:
-        loaded, checkpoint = load_checkpoint(resume)
-        model.load_state_dict(loaded.state_dict())
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_step, history = checkpoint["step"], json.loads(checkpoint["history"])
     ddp_model = DistributedDataParallel(model) if world > 1 else model

@@ -129,3 +129,9 @@ def test_ddp_with_two_processes_equals_one_process(tmp_path):
     ddp, _ = load_checkpoint(out)
     for (name, a), b in zip(single.state_dict().items(), ddp.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):
+    train(TINY, out=tmp_path / "nano.pt", progress=False)
+    with pytest.raises(ValueError, match="holds a model of config"):
+        train(replace(TINY, model_overrides={"context": 64}), resume=tmp_path / "nano.pt", progress=False)
