@@ -13,18 +13,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.attention import attention, chunked_attention
+from minigpt.evals import attention_cost
 from minigpt.model import GPT, GPTConfig, preset
 
 
@@ -124,38 +120,8 @@ def bench_decoding(new_tokens: int) -> None:
           f" | ratio {cached / recomputed:.1f}x (goal >= 5x)")
 
 
-def peak_rise_bytes(run) -> tuple[int, float]:
-    """How far `run()` raises this process's peak resident memory, in bytes, and its seconds."""
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the current RSS
-    before = _vm_kb("VmRSS")
-    start = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - start
-    return (_vm_kb("VmHWM") - before) * 1024, seconds
-
-
-def _vm_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def measure_attention(kind: str, length: int, n_head: int, head_dim: int) -> dict:
-    """In this (fresh) process: peak memory rise and seconds of one attention call of `kind`."""
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, n_head, length, head_dim, generator=generator) for _ in range(3))
-    run = (lambda: attention(q, k, v)) if kind == "exact" else (lambda: chunked_attention(q, k, v, chunk_size=256))
-    peak, seconds = peak_rise_bytes(run)
-    return {"peak_bytes": peak, "seconds": seconds}
-
-
 def bench_attention_memory(length: int, n_head: int, head_dim: int) -> None:
-    results = {}
-    for kind in ("exact", "chunked"):
-        command = [sys.executable, __file__, "--measure-attention", kind, "--length", str(length)]
-        results[kind] = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
-    exact, chunked = results["exact"], results["chunked"]
+    exact, chunked = (attention_cost(kind, length, n_head, head_dim) for kind in ("exact", "chunked"))
     scores = n_head * length * length * 4
     print(f"\nattention over {length:,} tokens, {n_head} heads of {head_dim} (float32; one score matrix = {scores / 2**20:,.0f} MiB):")
     print(f"  chunked (online softmax) peak +{chunked['peak_bytes'] / 2**20:8,.1f} MiB | exact +{exact['peak_bytes'] / 2**20:8,.1f} MiB"
@@ -171,12 +137,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--length", type=int, default=8192)
-    parser.add_argument("--measure-attention", choices=["exact", "chunked"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.measure_attention:  # the child process of bench_attention_memory
-        with torch.no_grad():
-            print(json.dumps(measure_attention(args.measure_attention, args.length, n_head=4, head_dim=32)))
-        return
     bench_training(args.batch, args.steps, args.repeats)
     with torch.no_grad():
         bench_decoding(args.new_tokens)

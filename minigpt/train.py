@@ -18,7 +18,9 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -114,16 +116,33 @@ def bits_per_byte(model: GPT, tokens: torch.Tensor, byte_lengths: torch.Tensor, 
     return total_nats / math.log(2) / total_bytes
 
 
-def save_checkpoint(path: str | Path, model: GPT, optimizer: torch.optim.Optimizer | None, step: int, train_config: TrainConfig, history: dict) -> None:
-    """Write a checkpoint that carries its model config and tokenizer name, so its path is all a loader needs."""
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def save_checkpoint(
+    path: str | Path, model: GPT, optimizer: torch.optim.Optimizer | None, step: int, train_config: TrainConfig,
+    history: dict, dtype: str = "float32", command: str = "",
+) -> None:
+    """Write a checkpoint that carries its model config and tokenizer name, so its path is all a loader needs.
+
+    `dtype` "float16" or "bfloat16" halves the file (the loader casts back to float32); without an
+    optimizer the checkpoint is for inference only and cannot be resumed. `command` records how it
+    was made.
+    """
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(SAVE_DTYPES)}, not {dtype!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    cast: dict[int, torch.Tensor] = {}  # by storage, so tied weights stay one tensor in the file
+    weights = {name: cast.setdefault(tensor.data_ptr(), tensor.to(SAVE_DTYPES[dtype]))
+               for name, tensor in model.state_dict().items()}
     checkpoint = {
-        "model": model.state_dict(),
+        "model": weights,
         "model_config": asdict(model.config),
         "train_config": json.dumps(asdict(train_config)),
         "step": step,
         "history": json.dumps(history),
+        "command": command,
     }
     if optimizer is not None:
         checkpoint["optimizer"] = optimizer.state_dict()
@@ -165,8 +184,16 @@ def _any_rank(flag: bool, world: int) -> bool:
     return bool(flag_tensor.item())
 
 
-def train(config: TrainConfig, out: Path | None = None, resume: Path | None = None, progress: bool = True) -> tuple[GPT, dict]:
-    """Train a model as `config` says; returns it and its history (steps, losses, bits per byte, seconds)."""
+def train(
+    config: TrainConfig, out: Path | None = None, resume: Path | None = None, progress: bool = True,
+    on_step: Callable[[dict], None] | None = None, save_dtype: str = "float32", save_optimizer: bool = True,
+    command: str = "",
+) -> tuple[GPT, dict]:
+    """Train a model as `config` says; returns it and its history (steps, losses, bits per byte, seconds).
+
+    `on_step(history)` is called after every step on rank 0 (the notebook draws its live loss plot
+    with it). `save_dtype`, `save_optimizer` and `command` go to `save_checkpoint` when `out` is given.
+    """
     rank, world = _distributed()
     if config.batch_size % world:
         raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world})")
@@ -178,6 +205,8 @@ def train(config: TrainConfig, out: Path | None = None, resume: Path | None = No
         model, checkpoint = load_checkpoint(resume)
         if model.config != model_config:
             raise ValueError(f"{resume} holds a model of config {model.config}, not the {model_config} asked for")
+        if "optimizer" not in checkpoint:
+            raise ValueError(f"{resume} has no optimizer state (it was saved for inference only), so it cannot be resumed")
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": config.weight_decay},
          {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
@@ -220,10 +249,13 @@ def train(config: TrainConfig, out: Path | None = None, resume: Path | None = No
             history["val_step"].append(step + 1)
             history["val_bpb"].append(bpb)
             bar.set_postfix(loss=f"{loss.item():.3f}", val_bpb=f"{bpb:.3f}")
+        if rank == 0 and on_step is not None:
+            on_step(history)
         if last:
             break
     if rank == 0 and out is not None:
-        save_checkpoint(out, model, optimizer, history["step"][-1], config, history)
+        save_checkpoint(out, model, optimizer if save_optimizer else None, history["step"][-1], config, history,
+                        dtype=save_dtype, command=command)
     return model, history
 
 
@@ -239,14 +271,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
     parser.add_argument("--out", type=Path, default=None, help="checkpoint path (default: data/checkpoints/PRESET.pt)")
     parser.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint")
+    parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float32",
+                        help="precision of the saved weights (float16 halves the file)")
+    parser.add_argument("--no-optimizer", action="store_true",
+                        help="save the weights only: a small file for inference that cannot be resumed")
     args = vars(parser.parse_args(argv))
     out = args.pop("out") or CHECKPOINT_DIR / f"{args['preset']}.pt"
-    resume = args.pop("resume")
+    resume, save_dtype, no_optimizer = args.pop("resume"), args.pop("save_dtype"), args.pop("no_optimizer")
     config = replace(defaults, **args)
-    _, history = train(config, out, resume)
+    command = "python -m minigpt.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    _, history = train(config, out, resume, save_dtype=save_dtype, save_optimizer=not no_optimizer, command=command)
     if int(os.environ.get("RANK", 0)) == 0:
+        from minigpt.viz import plot_training
+
+        plot_training(history, title=f"{config.preset}: {command}").savefig(out.with_suffix(".png"), dpi=100)
         print(f"{config.preset}: {history['step'][-1]} steps in {history['seconds'][-1]:.0f} s, "
-              f"validation {history['val_bpb'][-1]:.3f} bits per byte -> {out}")
+              f"validation {history['val_bpb'][-1]:.3f} bits per byte -> {out} (loss curve {out.with_suffix('.png')})")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
-"""Pictures for the notebooks: what a tokenizer does to text, drawn as HTML.
+"""Pictures and widgets for the notebooks: tokens, attention, the KV cache, training curves.
 
+Tokens. 
 `tokens_html` shows a text with every token on its own colored background, so the token
 boundaries are visible at a glance; `show_tokens` displays that in Jupyter, and `token_explorer`
 is a text box that re-tokenizes on every keystroke with several tokenizers side by side.
@@ -11,17 +12,33 @@ tokens it spans.
 
 Everything is plain HTML with inline styles (no JavaScript, no stylesheet), so it renders the same
 in JupyterLab, VS Code and exported notebooks, offline, on light and dark themes.
+
+Attention. `attention_maps` reads a model's own attention probabilities; `plot_heads` draws a
+layer's heads as heatmaps framed by key/value group; `attention_explorer` puts a prompt box, layer
+and head menus and a token slider around them; `kv_cache_explorer` steps through cached decoding.
+The widgets are ipywidgets showing matplotlib PNGs: nothing loads from the network.
+
+Training. `plot_training` draws the loss curve and validation bits per byte.
 """
 
 from __future__ import annotations
 
 import codecs
 import html
+import io
+import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Literal, NamedTuple, Protocol
 
 import ipywidgets as widgets
+import matplotlib
+import numpy as np
+import torch
 from IPython.display import HTML, display
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from minigpt.model import GPT
 
 
 Specials = Literal["all"] | Collection[str]  # special tokens by text, or all of them
@@ -223,3 +240,311 @@ def token_explorer(
     redraw(text)
     textarea.observe(lambda change: redraw(change["new"]), names="value")
     return widgets.VBox([textarea, widgets.HBox(panels, layout=widgets.Layout(width="100%"))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves
+
+
+def plot_training(
+    history: Mapping[str, Sequence[float]], title: str | None = None,
+    references: Mapping[str, float] | None = None, figure: Figure | None = None,
+) -> Figure:
+    """Training loss (nats per token, raw and smoothed) and validation bits per byte, by step.
+
+    `history` is what `minigpt.train.train` returns; `references` draws labelled horizontal lines
+    on the validation panel (for example another recipe's bits per byte). Pass the previous
+    `figure` to redraw it in place, as the notebook's live plot does.
+    """
+    figure = figure or Figure(figsize=(10, 3.6), layout="constrained")
+    figure.clear()
+    loss_ax, val_ax = figure.subplots(1, 2)
+    steps, losses = list(history["step"]), list(history["train_loss"])
+    loss_ax.plot(steps, losses, color="#9ec5e8", linewidth=0.8, label="per step")
+    if losses:
+        smoothed, average = [], losses[0]
+        for loss in losses:  # exponential moving average: the trend under the batch-to-batch noise
+            average = 0.95 * average + 0.05 * loss
+            smoothed.append(average)
+        loss_ax.plot(steps, smoothed, color="#1f5f9e", linewidth=1.8, label="moving average")
+    loss_ax.set(xlabel="step", ylabel="training loss (nats per token)", title="training loss")
+    loss_ax.legend(loc="upper right")
+    val_ax.plot(history["val_step"], history["val_bpb"], "o-", color="#c2410c", label="validation")
+    for (label, value), style in zip((references or {}).items(), ("--", ":", "-.")):
+        val_ax.axhline(value, color="#555", linestyle=style, linewidth=1, label=label)
+    val_ax.set(xlabel="step", ylabel="bits per byte", title="held-out Shakespeare")
+    val_ax.legend(loc="upper right")
+    for ax in (loss_ax, val_ax):
+        ax.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return figure
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention: heatmaps, a highlighted-text view, the explorer widget, and the KV cache growing
+
+DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun."
+HEAT = "Blues"  # attention probability 0 (white) to 1 (dark blue)
+FUTURE_COLOR = "#eeeeee"  # keys a causal query cannot see
+GROUP_COLORS = ("#c2410c", "#15803d", "#7c3aed", "#0e7490", "#be185d", "#a16207", "#1d4ed8", "#4d7c0f")
+
+
+def token_labels(tok: TokenizerLike, ids: Sequence[int]) -> list[str]:
+    """A short printable label per token: its bytes as text, whitespace drawn as · ↵ →."""
+    labels = []
+    for data in tok.decode_tokens_bytes(list(ids)):
+        text = data.decode("utf-8", errors="replace")
+        labels.append("".join(WHITESPACE.get(char, char) for char in text) or "∅")
+    return labels
+
+
+@torch.no_grad()
+def attention_maps(model: GPT, ids: Sequence[int]) -> torch.Tensor:
+    """The model's own attention probabilities for one sequence: `(n_layer, n_head, T, T)`.
+
+    They come from the model's explicit attention path (SDPA does not return probabilities), in
+    eval mode, so they are exactly what the model computes when it reads `ids`.
+    """
+    was_training = model.training
+    model.eval()
+    attentions = model(torch.tensor([list(ids)]), return_attention=True).attentions  # per layer (1, n_head, T, T)
+    model.train(was_training)
+    return torch.stack(attentions)[:, 0]
+
+
+def kv_group(head: int, n_head: int, n_kv_head: int) -> int:
+    """The key/value head that query head `head` reads under grouped-query attention."""
+    return head // (n_head // n_kv_head)
+
+
+def plot_attention(
+    weights: torch.Tensor, labels: Sequence[str], ax, selected: int | None = None, title: str = "",
+    show_labels: bool = True, frame_color: str | None = None,
+) -> None:
+    """Draw one head's attention `(T_q, T_k)` as a heatmap on `ax`: rows are queries, columns keys.
+
+    Keys a causal query cannot see (above the diagonal) are grey, so the triangle is visible; the
+    `selected` query's row is outlined.
+    """
+    n_queries, n_keys = weights.shape
+    visible = torch.ones(n_queries, n_keys).tril(n_keys - n_queries).bool()
+    shown = np.ma.masked_array(weights.float().numpy(), mask=~visible.numpy())
+    cmap = matplotlib.colormaps[HEAT].with_extremes(bad=FUTURE_COLOR)
+    image = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    if show_labels:
+        size = max(5, min(9, 260 / max(n_keys, 1)))
+        ax.set_xticks(range(n_keys), labels[-n_keys:], rotation=90, fontsize=size)
+        ax.set_yticks(range(n_queries), labels[-n_queries:], fontsize=size)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if selected is not None:
+        ax.add_patch(Rectangle((-0.5, selected - 0.5), n_keys, 1, fill=False, edgecolor="#dc2626", linewidth=1.6))
+    if frame_color:
+        for spine in ax.spines.values():
+            spine.set(edgecolor=frame_color, linewidth=3)
+    ax.set_title(title, fontsize=9, color=frame_color or "black")
+    return image
+
+
+def plot_heads(
+    maps: torch.Tensor, labels: Sequence[str], n_kv_head: int, layer: int, selected: int | None = None,
+    heads: Sequence[int] | None = None,
+) -> Figure:
+    """All heads of one layer side by side, framed by key/value group: `maps` is `(n_head, T, T)`.
+
+    Heads framed in the same colour read the same keys and values (grouped-query attention); they
+    differ only in their queries. With one head, the heatmap is drawn large with token labels.
+    """
+    n_head = maps.shape[0]
+    heads = list(range(n_head)) if heads is None else list(heads)
+    columns = min(len(heads), 4)
+    rows = math.ceil(len(heads) / columns)
+    single = len(heads) == 1
+    side = 6.5 if single else 3.0
+    figure = Figure(figsize=(side * columns + 0.8, side * rows + (0.9 if single else 0.4)), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False).ravel())
+    for ax, head in zip(axes, heads):
+        group = kv_group(head, n_head, n_kv_head)
+        image = plot_attention(
+            maps[head], labels, ax, selected, f"layer {layer} · head {head} · kv group {group}",
+            show_labels=single or len(labels) <= 24, frame_color=None if n_kv_head == n_head else GROUP_COLORS[group % 8],
+        )
+    for ax in axes[len(heads):]:
+        ax.set_visible(False)
+    figure.colorbar(image, ax=list(axes[: len(heads)]), shrink=0.6, label="attention probability")
+    if not single and n_kv_head != n_head:
+        figure.suptitle(f"{n_head} query heads share {n_kv_head} key/value heads: same frame colour, same keys and values",
+                        fontsize=10)
+    return figure
+
+
+def attention_text_html(labels: Sequence[str], row: torch.Tensor, selected: int) -> str:
+    """The tokens as text, each shaded by how much token `selected` attends to it (`row` is `(T,)`).
+
+    Shading is relative to the row's largest weight so that a spread-out head is still readable;
+    the hover shows each exact probability. Later tokens, which a causal query cannot see, are grey.
+    """
+    peak = max(row[: selected + 1].max().item(), 1e-9)
+    spans = []
+    for position, label in enumerate(labels):
+        text = html.escape(label).replace("↵", "↵<br>")
+        if position > selected:
+            spans.append(f'<span style="color:#b0b0b0;padding:1px 1px">{text}</span>')
+            continue
+        weight = row[position].item()
+        outline = "outline:2px solid #dc2626;" if position == selected else ""
+        spans.append(
+            f'<span title="position {position}: attention {weight:.3f}" style="background:rgba(30,90,200,'
+            f'{0.85 * weight / peak:.3f});{outline}border-radius:3px;padding:1px 1px">{text}</span>'
+        )
+    box = (f"font-family:{FONT};font-size:14px;line-height:2;color:{TEXT_COLOR};background:#fff;"
+           "border:1px solid #d0d0d0;border-radius:6px;padding:6px 10px;overflow-wrap:anywhere")
+    return f'<div style="{box}">{"".join(spans)}</div>'
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    return buffer.getvalue()
+
+
+def attention_explorer(model: GPT, tok: TokenizerLike, prompt: str = DEFAULT_PROMPT) -> widgets.VBox:
+    """An interactive view of the model's attention: a prompt box, layer and head menus (or all
+    heads of a layer as a grid, framed by key/value group), and a token slider whose token's
+    attention is highlighted in the text and outlined in the heatmaps.
+
+    Pure ipywidgets and matplotlib: it works offline and needs no JavaScript beyond Jupyter's own.
+    """
+    config = model.config
+    prompt_box = widgets.Textarea(value=prompt, continuous_update=False, description="prompt",
+                                  layout=widgets.Layout(width="100%", height="5em"))
+    layer_menu = widgets.Dropdown(options=[(f"layer {i}", i) for i in range(config.n_layer)],
+                                  value=config.n_layer - 1, description="layer")
+    head_menu = widgets.Dropdown(
+        options=[("all heads", -1)] + [(f"head {h} (kv group {kv_group(h, config.n_head, config.n_kv_head)})", h)
+                                       for h in range(config.n_head)],
+        value=-1, description="head")
+    token_slider = widgets.IntSlider(min=0, max=0, description="token", continuous_update=False,
+                                     layout=widgets.Layout(width="60%"))
+    text_panel, message = widgets.HTML(), widgets.HTML()
+    picture = widgets.Image(format="png")
+    state = {}
+
+    def read_prompt(text: str) -> None:
+        try:
+            ids = tok.encode(text)  # special-token text is refused here, with the tokenizer's message
+            if not ids:
+                raise ValueError("the prompt is empty: type some text")
+            if len(ids) > config.context:
+                raise ValueError(f"the prompt is {len(ids)} tokens; this model reads at most {config.context}")
+        except ValueError as error:
+            message.value = f'<span style="color:#b91c1c">{html.escape(str(error))}</span>'
+            return
+        message.value = ""
+        state.update(labels=token_labels(tok, ids), maps=attention_maps(model, ids))
+        token_slider.max = len(ids) - 1
+        token_slider.value = len(ids) - 1
+        redraw()
+
+    def redraw(*_) -> None:
+        if "maps" not in state:
+            return
+        layer, head, selected = layer_menu.value, head_menu.value, token_slider.value
+        maps, labels = state["maps"][layer], state["labels"]
+        row = maps[head, selected] if head >= 0 else maps[:, selected].mean(0)
+        which = f"head {head}" if head >= 0 else "the mean of all heads"
+        token_slider.description = f"token {selected}"
+        text_panel.value = (f'<div style="font-family:sans-serif;font-size:0.85em;color:#444">What token {selected} '
+                            f'<b>{html.escape(labels[selected])}</b> attends to in layer {layer}, {which}:</div>'
+                            + attention_text_html(labels, row, selected))
+        picture.value = _png(plot_heads(maps, labels, config.n_kv_head, layer, selected, None if head < 0 else [head]))
+
+    prompt_box.observe(lambda change: read_prompt(change["new"]), names="value")
+    for control in (layer_menu, head_menu, token_slider):
+        control.observe(redraw, names="value")
+    read_prompt(prompt)
+    return widgets.VBox([prompt_box, message, widgets.HBox([layer_menu, head_menu]), token_slider, text_panel, picture])
+
+
+class GenerationTrace(NamedTuple):
+    """What happened at each step of cached greedy decoding (step 0 is the prompt's prefill)."""
+
+    ids: list[int]  # the prompt followed by the generated tokens
+    prompt_length: int
+    cache_lengths: list[int]  # positions in the KV cache after each step
+    cache_bytes: list[int]  # bytes those positions occupy
+    rows: list[torch.Tensor]  # per step, the newest token's attention over the cache: (n_layer, n_head, cache_length)
+
+
+@torch.no_grad()
+def trace_generation(model: GPT, ids: Sequence[int], max_new_tokens: int) -> GenerationTrace:
+    """Decode greedily with a KV cache, recording the cache's size and each new token's attention."""
+    was_training = model.training
+    model.eval()
+    cache = model.new_kv_cache(1)
+    tokens, step_input = list(ids), torch.tensor([list(ids)])
+    lengths, sizes, rows = [], [], []
+    for step in range(max_new_tokens + 1):
+        output = model(step_input, kv_cache=cache, return_attention=True)
+        lengths.append(len(cache))
+        sizes.append(cache.nbytes())
+        rows.append(torch.stack([a[0, :, -1] for a in output.attentions]))  # (n_layer, n_head, cache length)
+        if step < max_new_tokens:
+            tokens.append(int(output.logits[0, -1].argmax()))
+            step_input = torch.tensor([[tokens[-1]]])
+    model.train(was_training)
+    return GenerationTrace(tokens, len(ids), lengths, sizes, rows)
+
+
+def plot_generation_step(trace: GenerationTrace, labels: Sequence[str], step: int) -> Figure:
+    """Step `step` of a `GenerationTrace`: the new token's attention over every cached position, one
+    row per layer and head (positions not yet cached are grey), and the cache's bytes so far."""
+    row = trace.rows[step]  # (n_layer, n_head, length)
+    n_layer, n_head, length = row.shape
+    total = len(trace.ids) - 1  # positions in the cache at the last step
+    grid = np.full((n_layer * n_head, total), np.nan)
+    grid[:, :length] = row.reshape(n_layer * n_head, length).numpy()
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    heat_ax, bytes_ax = figure.subplots(1, 2, width_ratios=(3.2, 1))
+    cmap = matplotlib.colormaps[HEAT].with_extremes(bad=FUTURE_COLOR)
+    heat_ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    heat_ax.set_xticks(range(total), labels[:total], rotation=90, fontsize=6)
+    heat_ax.set_yticks(range(n_layer * n_head), [f"L{i // n_head} H{i % n_head}" for i in range(n_layer * n_head)],
+                       fontsize=7)
+    heat_ax.axvline(trace.prompt_length - 0.5, color="#dc2626", linewidth=1)
+    query = "the last prompt token (prefill)" if step == 0 else f"new token {step}: {labels[length - 1]!r}"
+    heat_ax.set_title(f"attention of {query} over the {length} cached positions", fontsize=9)
+    kib = [b / 1024 for b in trace.cache_bytes]
+    bytes_ax.plot(trace.cache_lengths, kib, color="#9ca3af")
+    bytes_ax.plot(trace.cache_lengths[step], kib[step], "o", color="#dc2626")
+    bytes_ax.set(xlabel="positions cached", ylabel="KV cache (KiB)", title="cache size")
+    bytes_ax.grid(alpha=0.3)
+    return figure
+
+
+def kv_cache_explorer(model: GPT, tok: TokenizerLike, prompt: str = DEFAULT_PROMPT,
+                      max_new_tokens: int = 24) -> widgets.VBox:
+    """A step slider through cached greedy decoding: the cache grows by one position per step and
+    each new token attends to everything stored (the red line marks the end of the prompt)."""
+    ids = tok.encode(prompt)
+    trace = trace_generation(model, ids, max_new_tokens)
+    labels = token_labels(tok, trace.ids)
+    slider = widgets.IntSlider(min=0, max=max_new_tokens, value=0, description="step", continuous_update=False)
+    text_panel, picture = widgets.HTML(), widgets.Image(format="png")
+
+    def redraw(step: int) -> None:
+        length = trace.cache_lengths[step]
+        cached = "".join(html.escape(label) for label in labels[:length])
+        upcoming = "".join(html.escape(label) for label in labels[length:])
+        text_panel.value = (
+            f'<div style="font-family:{FONT};font-size:13px;line-height:1.7">'
+            f'<span style="background:#dcfce7">{cached}</span><span style="color:#b0b0b0">{upcoming}</span></div>'
+            f'<div style="font-family:sans-serif;font-size:0.85em;color:#444">{length} positions cached, '
+            f"{trace.cache_bytes[step]:,} bytes</div>")
+        picture.value = _png(plot_generation_step(trace, labels, step))
+
+    slider.observe(lambda change: redraw(change["new"]), names="value")
+    redraw(0)
+    return widgets.VBox([slider, text_panel, picture])
