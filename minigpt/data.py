@@ -12,6 +12,12 @@ Two corpora, each with a fixed `"train"` and `"val"` split:
   computed, so it is correct, and the facts are about invented countries, so a model can only
   have learnt them from this text.
 
+Beside the corpora, **long-context probes**: prompts that hide one fact in a long text and ask
+for it at the end (a passkey in filler, a key among many, a variable chain, the most frequent
+word, a toy multi-round coreference), each with its exact answer, for training mixes and for the
+scorers in `minigpt.evals`. Each generator takes a `random.Random` and a size, and returns a
+`Probe`.
+
 `python -m minigpt.data` prints each text's size and sha256 prefix, the numbers `data/README.md`
 records, and can write the texts out for reading.
 """
@@ -19,15 +25,17 @@ records, and can write the texts out for reading.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import hashlib
 import importlib.util
 import itertools
+import math
 import random
 import re
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 # The repository's data folder: trained artifacts the notebooks load (tokenizer ranks, checkpoints).
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -369,6 +377,265 @@ def synthetic_text(split: str = "train", seed: int = 0, n_examples: int | None =
         raise ValueError(f"n_examples must be at least 1, not {n_examples}")
     mine = (example for example in _example_stream(seed) if example_split(example) == split)
     return "\n\n".join(itertools.islice(mine, n_examples)) + "\n"
+
+
+# --- long-context probes ------------------------------------------------------------------------
+#
+# Each probe is a prompt that ends right before its answer, and the answer: the exact continuation,
+# starting with a space. The prompt never ends with a space, so the answer's first token is the
+# space (or a word with its space), whatever the tokenizer does inside the prompt.
+
+
+class Probe(NamedTuple):
+    """One long-context test: `prompt + answer` is the full text, `answer` the part to predict."""
+
+    prompt: str
+    answer: str  # the exact continuation, starting with a space: " 4821"
+    kind: str  # one of PROBE_KINDS
+    depth: float  # where the needle sits, 0 (start) to 1 (end) of the haystack; nan if not applicable
+
+    @property
+    def text(self) -> str:
+        """The prompt followed by its answer: what a training mix trains on."""
+        return self.prompt + self.answer
+
+
+# The filler of the passkey test in Mohtashami & Jaggi (2023), "Landmark Attention: Random-Access
+# Infinite Context Length for Transformers": the same five sentences over and over, so the text
+# around the needle carries no information at all.
+PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_INTRO = "There is a pass key hidden in this text. Remember it."
+KV_INTRO = "Remember the value of every key in this text."
+VARIABLE_INTRO = "Keep track of the value of every variable in this text."
+FREQUENT_WORD_INTRO = "Here is a list of words:"
+ORDINALS = ("1st", "2nd", "3rd", "4th")
+
+# Keys, topics and list words for the probes: every made-up consonant-vowel-consonant-vowel word
+# ("bada", "kobe", "zuvi"), 4,900 of them. All have four letters, so none is part of another, and
+# none means anything that could help a model guess.
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+PROBE_WORDS = tuple(map("".join, itertools.product(_CONSONANTS, _VOWELS, _CONSONANTS, _VOWELS)))
+# Variable names: three capital letters ("QXT"), except "VAR", the keyword itself.
+VARIABLE_NAMES = tuple(
+    name for name in map("".join, itertools.product("ABCDEFGHIJKLMNOPQRSTUVWXYZ", repeat=3)) if name != "VAR"
+)
+
+
+def _check_count(name: str, value: object, low: int, high: int | None = None) -> None:
+    """A clear error unless `value` is an integer in `[low, high]`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
+
+
+def _check_depth(depth: object) -> None:
+    if depth is None:
+        return
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
+        raise ValueError(f"depth must be a number from 0 (start) to 1 (end), or None for random, got {depth!r}")
+
+
+def _in_filler(sentences: list[str], places: list[int], n_filler: int) -> str:
+    """`n_filler` copies of `PASSKEY_FILLER` with `sentences[i]` after the first `places[i]` copies
+    (`places` non-decreasing, each from 0 to `n_filler`)."""
+    parts, copies = [], 0
+    for sentence, place in zip(sentences, places):
+        parts += [PASSKEY_FILLER * (place - copies), sentence]
+        copies = place
+    parts.append(PASSKEY_FILLER * (n_filler - copies))
+    return "".join(parts)
+
+
+def passkey_probe(rng: random.Random, n_filler: int, depth: float | None = None, digits: int = 4) -> Probe:
+    """The passkey test of Mohtashami & Jaggi (2023, "Landmark Attention"): a random number hidden in
+    `n_filler` copies of `PASSKEY_FILLER`, asked for at the end.
+
+    The needle " The pass key is 4821. Remember it. 4821 is the pass key." goes after the first
+    `round(depth * n_filler)` copies of the filler, so it sits within `0.5 / n_filler` of `depth`;
+    `depth=None` draws it uniformly from [0, 1). The key has `digits` digits, each drawn from 0-9
+    (a leading 0 included). The returned depth is the one asked for (or drawn), so probes made on a
+    grid of depths can be grouped by it.
+    """
+    _check_count("n_filler", n_filler, 0)
+    _check_depth(depth)
+    _check_count("digits", digits, 1)
+    depth = rng.random() if depth is None else float(depth)
+    key = "".join(rng.choice("0123456789") for _ in range(digits))
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key."
+    haystack = _in_filler([needle], [round(depth * n_filler)], n_filler)
+    return Probe(PASSKEY_INTRO + haystack + " What is the pass key? The pass key is", f" {key}", "passkey", depth)
+
+
+def kv_probe(rng: random.Random, n_pairs: int, n_filler: int = 0, depth: float | None = None) -> Probe:
+    """Multi-key retrieval in the style of RULER (Hsieh et al., 2024): `n_pairs` sentences
+    " The value of key kobe is 0481." with distinct keys (from `PROBE_WORDS`) and distinct 4-digit
+    values, then a question about one of them.
+
+    With `n_filler` copies of `PASSKEY_FILLER`, the pairs are spread evenly through it, the first
+    at the start and the last at the end. `depth` is the queried pair's place among the pairs,
+    `i / (n_pairs - 1)`, and so also its place in the filler; asking for a depth picks the pair
+    nearest it, `None` a random one. A single pair goes at `depth` (drawn if None) in the filler,
+    like a passkey.
+    """
+    _check_count("n_pairs", n_pairs, 1, len(PROBE_WORDS))
+    _check_count("n_filler", n_filler, 0)
+    _check_depth(depth)
+    keys = rng.sample(PROBE_WORDS, n_pairs)
+    values = [f"{value:04d}" for value in rng.sample(range(10_000), n_pairs)]
+    if n_pairs == 1:
+        depth = rng.random() if depth is None else float(depth)
+        queried, places = 0, [round(depth * n_filler)]
+    else:
+        queried = rng.randrange(n_pairs) if depth is None else round(depth * (n_pairs - 1))
+        depth = queried / (n_pairs - 1)
+        places = [round(i * n_filler / (n_pairs - 1)) for i in range(n_pairs)]
+    sentences = [f" The value of key {key} is {value}." for key, value in zip(keys, values)]
+    key = keys[queried]
+    question = f" What is the value of key {key}? The value of key {key} is"
+    return Probe(KV_INTRO + _in_filler(sentences, places, n_filler) + question, f" {values[queried]}", "kv", depth)
+
+
+def variable_chain_probe(rng: random.Random, n_hops: int = 4, n_filler: int = 0, n_distractors: int = 1) -> Probe:
+    """Variable tracking in the style of RULER (Hsieh et al., 2024): a 5-digit number passed along
+    a chain of `n_hops` assignments, "VAR QXT = 48213." then "VAR BKE = QXT." and so on, and the
+    value of the chain's last variable asked for at the end.
+
+    `n_distractors` more chains of the same length carry other numbers. The statements of all the
+    chains are shuffled together, each chain's own statements kept in order (a variable is
+    assigned before it is used), and placed at random points among `n_filler` copies of
+    `PASSKEY_FILLER`. Every variable (three capital letters) is assigned once. Depth does not
+    apply: the chain is spread through the text.
+    """
+    _check_count("n_hops", n_hops, 1)
+    _check_count("n_filler", n_filler, 0)
+    _check_count("n_distractors", n_distractors, 0)
+    n_chains, n_names = 1 + n_distractors, n_hops + 1
+    if n_chains * n_names > len(VARIABLE_NAMES):
+        raise ValueError(f"(1 + n_distractors) * (n_hops + 1) must be at most {len(VARIABLE_NAMES)} variable names")
+    names = rng.sample(VARIABLE_NAMES, n_chains * n_names)
+    values = rng.sample(range(10_000, 100_000), n_chains)
+    chains = []
+    for c, value in enumerate(values):
+        chain = names[c * n_names : (c + 1) * n_names]
+        chains.append([f" VAR {chain[0]} = {value}."] + [f" VAR {b} = {a}." for a, b in itertools.pairwise(chain)])
+    order = [c for c in range(n_chains) for _ in range(n_names)]
+    rng.shuffle(order)  # which chain speaks next; each chain's statements stay in their order
+    statements = [chains[c].pop(0) for c in order]
+    places = sorted(rng.randint(0, n_filler) for _ in statements)
+    last = names[n_names - 1]  # the queried chain is the first one drawn
+    question = f" What is the value of VAR {last}? VAR {last} ="
+    prompt = VARIABLE_INTRO + _in_filler(statements, places, n_filler) + question
+    return Probe(prompt, f" {values[0]}", "variable-chain", math.nan)
+
+
+def frequent_word_probe(rng: random.Random, n_words: int) -> Probe:
+    """Common-word extraction in the style of RULER (Hsieh et al., 2024), with one answer: a list
+    of `n_words` words, shuffled, in which one word is clearly the most frequent, then "The most
+    frequent word in the list is".
+
+    With `c = ceil(n_words / 30)`, the top word appears `3 * c` times and at most 27 other words
+    (from `PROBE_WORDS`) share the rest, each at most `c` times: the top word always appears at
+    least three times as often as any other. Depth does not apply.
+    """
+    _check_count("n_words", n_words, 4)
+    each = math.ceil(n_words / 30)
+    rest = n_words - 3 * each
+    n_others = math.ceil(rest / each)
+    top, *others = rng.sample(PROBE_WORDS, 1 + n_others)
+    counts = [each] * (n_others - 1) + [rest - each * (n_others - 1)]
+    words = [top] * (3 * each) + [word for word, count in zip(others, counts) for _ in range(count)]
+    rng.shuffle(words)
+    prompt = f"{FREQUENT_WORD_INTRO} {', '.join(words)}. The most frequent word in the list is"
+    return Probe(prompt, f" {top}", "frequent-word", math.nan)
+
+
+def mrcr_probe(rng: random.Random, n_rounds: int) -> Probe:
+    """A toy multi-round coreference test in the spirit of OpenAI-MRCR: a conversation of
+    `n_rounds` requests "User: Give me a code about kobe." each answered "Assistant: 0481", in which
+    every topic is asked about 2 to 4 times (each time with a different code), then "User: Repeat the
+    code of the 2nd request about kobe." and the answer is that round's code.
+
+    Topics come from `PROBE_WORDS`, codes are distinct 4-digit numbers, the rounds are shuffled, and
+    the question picks a random topic, then a random one of its requests. `depth` is the place of
+    the asked-for round in the conversation, `i / (n_rounds - 1)`.
+    """
+    _check_count("n_rounds", n_rounds, 2, 2 * len(PROBE_WORDS))
+    counts, remaining = [], n_rounds
+    while remaining:  # split the rounds into topics of 2 to 4 requests, never leaving 1 over
+        count = rng.choice([n for n in (2, 3, 4) if n <= remaining and remaining - n != 1])
+        counts.append(count)
+        remaining -= count
+    topics = rng.sample(PROBE_WORDS, len(counts))
+    requests = [topic for topic, count in zip(topics, counts) for _ in range(count)]
+    rng.shuffle(requests)
+    codes = [f"{code:04d}" for code in rng.sample(range(10_000), n_rounds)]
+    asked = rng.randrange(len(topics))
+    nth = rng.randrange(counts[asked])
+    target = [i for i, topic in enumerate(requests) if topic == topics[asked]][nth]
+    rounds = zip(requests, codes)
+    conversation = "".join(f"User: Give me a code about {topic}.\nAssistant: {code}\n" for topic, code in rounds)
+    question = f"User: Repeat the code of the {ORDINALS[nth]} request about {topics[asked]}.\nAssistant:"
+    return Probe(conversation + question, f" {codes[target]}", "mrcr", target / (n_rounds - 1))
+
+
+@functools.lru_cache(maxsize=1)
+def common_words(min_count: int = 50) -> tuple[str, ...]:
+    """Words (lower-cased) that occur at least `min_count` times in the Shakespeare training split,
+    sorted: about 1,000 real words, most of them one token each in a tokenizer trained on it."""
+    counts = collections.Counter(word.lower() for word in re.findall(r"[A-Za-z]+", shakespeare_text("train")))
+    return tuple(sorted(word for word, count in counts.items() if count >= min_count))
+
+
+def repeat_probe(rng: random.Random, n_words: int) -> Probe:
+    """In-context copying, the task induction heads solve: `n_words` random words (`common_words`),
+    then "Again:" and the same words, the last one to predict.
+
+    Nothing but the earlier copy predicts the second one, so every word of it rewards looking up
+    where the current word occurred before and reading what followed (Olsson et al., 2022). Real
+    words keep that lookup simple: each is about one token, and the list repeats few of them. The
+    made-up words of the other probes split into a handful of letter tokens, which recur all
+    through a list, and matching one of those says little about what came next. Depth does not apply.
+    """
+    _check_count("n_words", n_words, 2)
+    words = [rng.choice(common_words()) for _ in range(n_words)]
+    prompt = f"Say these words again: {' '.join(words)}. Again: {' '.join(words[:-1])}"
+    return Probe(prompt, f" {words[-1]}", "repeat", math.nan)
+
+
+PROBE_KINDS = ("passkey", "kv", "variable-chain", "frequent-word", "mrcr", "repeat")
+# Each kind's size argument: the one that makes its prompt longer.
+PROBE_SIZES = {
+    "repeat": "n_words",
+    "passkey": "n_filler",
+    "kv": "n_pairs",
+    "variable-chain": "n_filler",
+    "frequent-word": "n_words",
+    "mrcr": "n_rounds",
+}
+# Each kind's smallest size argument: the least its generator accepts.
+PROBE_SMALLEST = {"passkey": 0, "kv": 1, "variable-chain": 0, "frequent-word": 4, "mrcr": 2, "repeat": 2}
+_PROBE_GENERATORS: dict[str, Callable[..., Probe]] = {
+    "repeat": repeat_probe,
+    "passkey": passkey_probe,
+    "kv": kv_probe,
+    "variable-chain": variable_chain_probe,
+    "frequent-word": frequent_word_probe,
+    "mrcr": mrcr_probe,
+}
+
+
+def make_probe(kind: str, rng: random.Random, size: int, **options) -> Probe:
+    """A probe of `kind` (one of `PROBE_KINDS`) whose size argument (`PROBE_SIZES[kind]`, e.g.
+    `n_filler` for "passkey") is `size`; `options` go to the generator as they are
+    (`make_probe("passkey", rng, 40, depth=0.5)`)."""
+    if kind not in PROBE_KINDS:
+        raise ValueError(f"kind must be one of {PROBE_KINDS}, got {kind!r}")
+    return _PROBE_GENERATORS[kind](rng, **{PROBE_SIZES[kind]: size}, **options)
+
+
+def probe_text(kind: str, rng: random.Random, size: int, **options) -> str:
+    """The full text (prompt and answer) of `make_probe(kind, rng, size, **options)`, for training mixes."""
+    return make_probe(kind, rng, size, **options).text
 
 
 # --- command line -------------------------------------------------------------------------------

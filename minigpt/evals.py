@@ -18,12 +18,21 @@ nothing else and `1/t` is what a uniform head would score.
 Cost. `attention_cost` runs one attention call in a fresh Python process and reports how far it
 raised the process's peak memory, and its time: the measurement behind "chunked attention needs
 memory linear in the sequence length".
+
+Long-context probes. The probes of `minigpt.data` (a passkey in filler, keys and values, a
+variable chain, the most frequent word, multi-round coreference) are scored by exact match:
+`answers_correct` asks whether greedy decoding would produce the answer's tokens, from one
+teacher-forced pass per probe. `fit_probe` sizes a probe to a token budget, `loss_by_position`
+gives the loss curve along the context, and `effective_length` reads off how far a model's score
+holds up past its training length.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -35,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.attention import attention, chunked_attention
+from minigpt.data import Probe
 from minigpt.model import GPT
 
 HEAD_KINDS = ("previous-token", "duplicate-token", "induction")
@@ -179,6 +189,196 @@ def _measure_attention_here(kind: str, length: int, n_head: int, head_dim: int, 
     else:
         peak, seconds = peak_memory_rise(lambda: chunked_attention(q, k, v, chunk_size=chunk_size))
     return {"peak_bytes": peak, "seconds": seconds}
+
+
+# --- long-context probes ------------------------------------------------------------------------
+
+
+def probe_ids(tokenizer, probe: Probe) -> tuple[list[int], list[int]]:
+    """The token ids of a probe's prompt and of its answer, each encoded on its own.
+
+    Scoring asks whether the model continues the prompt's ids with the answer's ids. The probes'
+    prompts end with a word or a symbol and their answers start with a space, so with the course's
+    pre-split pattern both halves encode exactly as they do inside `prompt + answer`.
+    """
+    prompt, answer = tokenizer.encode_ordinary(probe.prompt), tokenizer.encode_ordinary(probe.answer)
+    if not prompt or not answer:
+        raise ValueError(f"a probe needs a non-empty prompt and answer, got {probe.prompt[:40]!r} and {probe.answer!r}")
+    return prompt, answer
+
+
+def fit_probe(make: Callable[[int], Probe], tokenizer, n_tokens: int, smallest: int = 0) -> tuple[int, Probe]:
+    """The largest size whose probe fits in `n_tokens` tokens (prompt plus answer), and that probe.
+
+    `make(size)` builds a probe from its size argument (`n_filler`, `n_pairs`, ...), for example
+    `lambda n: passkey_probe(random.Random(seed), n, depth=0.5)`; it should give the same probe
+    for the same size. A probe's length grows with its size, so the search doubles the size until
+    the probe no longer fits, then bisects: about `2 * log2(size)` probes are built and encoded.
+
+    Returns a size `s >= smallest` such that `make(s)` fits and `make(s + 1)` does not. When the
+    length grows strictly with size (every size unit adds at least one token, as in every probe
+    of `minigpt.data`), that is the largest size that fits. (If `make` draws different words at
+    different sizes, the length can dip by a token or two as the size grows; `s` is then still a
+    size where the probe stops fitting, if not always the very largest.) Raises a clear error if
+    even `make(smallest)` does not fit, or if the length does not grow with the size at all.
+    """
+    _check_positive("n_tokens", n_tokens)
+
+    def fits(size: int) -> tuple[bool, Probe]:
+        probe = make(size)
+        prompt, answer = probe_ids(tokenizer, probe)
+        return len(prompt) + len(answer) <= n_tokens, probe
+
+    fit, probe = fits(smallest)
+    if not fit:
+        raise ValueError(f"even the smallest probe (size {smallest}) needs more than {n_tokens} tokens")
+    # If each size unit adds a token, no size past `smallest + n_tokens - 1` can fit.
+    limit = smallest + n_tokens
+    low, step = smallest, 1
+    while True:  # invariant: make(low) fits
+        high = min(low + step, limit)
+        fit, candidate = fits(high)
+        if not fit:
+            break
+        if high == limit:
+            raise ValueError(f"the probe still fits {n_tokens} tokens at size {high}: its length must grow with size")
+        low, probe, step = high, candidate, 2 * step
+    while high - low > 1:  # make(low) fits, make(high) does not
+        middle = (low + high) // 2
+        fit, candidate = fits(middle)
+        if fit:
+            low, probe = middle, candidate
+        else:
+            high = middle
+    return low, probe
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def answers_correct(model: GPT, tokenizer, probes: list[Probe], batch_size: int = 8) -> list[bool]:
+    """For each probe, whether the model's greedy continuation of the prompt is exactly the answer
+    (token for token), from one teacher-forced forward pass per probe.
+
+    Why one pass is enough: greedy decoding appends the argmax of the logits at the last position,
+    one token at a time. Feed the model the prompt followed by the true answer (teacher forcing)
+    and read the argmax at each position that predicts an answer token. If all of them equal the
+    answer tokens, greedy decoding would have produced exactly those tokens, since at every step
+    its input would have been the very prefix fed here. If one differs, greedy decoding, which
+    sees the same prefix up to the first such position, picks a different token there and the
+    answer is missed. So the two agree, whatever the model (up to floating-point rounding between
+    a full pass and a KV-cached one, which only matters at near ties).
+
+    Probes are batched only with probes of the same token length, so no padding is needed; each
+    batch of `batch_size` holds `batch_size * length * vocab` logits in memory. A probe longer than
+    the model's context (`model.config.context`) is a clear error, not a silent truncation.
+    """
+    probes = list(probes)
+    if not probes:
+        raise ValueError("no probes to score")
+    _check_positive("batch_size", batch_size)
+    encoded = [probe_ids(tokenizer, probe) for probe in probes]
+    by_length: dict[int, list[int]] = {}
+    for i, (prompt, answer) in enumerate(encoded):
+        length = len(prompt) + len(answer)
+        if length > model.config.context:
+            raise ValueError(
+                f"probe {i} ({probes[i].kind}) needs {length} tokens, more than the model's context of "
+                f"{model.config.context}; make it smaller (see fit_probe) or extend the model's context"
+            )
+        by_length.setdefault(length, []).append(i)
+    device = _device(model)
+    correct = [False] * len(probes)
+    was_training = model.training
+    model.eval()
+    try:
+        for rows in by_length.values():
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                ids = torch.tensor([encoded[i][0] + encoded[i][1] for i in batch], device=device)
+                # The last answer token is never an input; position t predicts token t + 1.
+                predicted = model(ids[:, :-1]).logits.argmax(dim=-1).tolist()  # (B, length - 1)
+                for row, i in zip(predicted, batch):
+                    prompt, answer = encoded[i]
+                    correct[i] = row[len(prompt) - 1 :] == answer
+    finally:
+        model.train(was_training)
+    return correct
+
+
+def answer_accuracy(model: GPT, tokenizer, probes: list[Probe], batch_size: int = 8) -> float:
+    """The share of probes whose greedy answer is exactly right (see `answers_correct`)."""
+    correct = answers_correct(model, tokenizer, probes, batch_size)
+    return sum(correct) / len(correct)
+
+
+@torch.no_grad()
+def loss_by_position(model: GPT, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Mean next-token loss (nats) at each position of `tokens` `(B, T)`, as a `(T - 1,)` tensor.
+
+    Entry `t` is the loss on token `t + 1` given the `t + 1` tokens before it, averaged over the
+    batch: the curve of perplexity against position (`loss.exp()`) that shows whether a model
+    still uses its context past the length it was trained at. Rows run `batch_size` at a time.
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
+        raise ValueError(f"expected (batch, time) token ids with time >= 2, got {getattr(tokens, 'shape', tokens)}")
+    _check_positive("batch_size", batch_size)
+    if tokens.shape[1] - 1 > model.config.context:
+        raise ValueError(
+            f"{tokens.shape[1]} tokens need {tokens.shape[1] - 1} inputs, more than the model's context of "
+            f"{model.config.context}"
+        )
+    device = _device(model)
+    total = torch.zeros(tokens.shape[1] - 1)
+    was_training = model.training
+    model.eval()
+    try:
+        for chunk in tokens.split(batch_size):
+            chunk = chunk.to(device)
+            logits = model(chunk[:, :-1]).logits  # (b, T - 1, vocab)
+            losses = F.cross_entropy(logits.transpose(1, 2).float(), chunk[:, 1:], reduction="none")
+            total += losses.sum(0).cpu()
+    finally:
+        model.train(was_training)
+    return total / tokens.shape[0]
+
+
+def effective_length(lengths: list[int], scores: list[float], margin: float, higher_is_better: bool = True) -> int:
+    """The longest context length whose score stays within `margin` of the score at the first
+    (training) length, every shorter length staying within it too.
+
+    `lengths` rise strictly, `scores[i]` is the score at `lengths[i]`, and `margin` is absolute (0.05
+    is five accuracy points). Only a fall counts: a score better than the first is within the margin.
+    The walk stops at the first length that falls further, so a later recovery does not count (a
+    model that fails at 2K and passes at 4K has an effective length below 2K). With
+    `higher_is_better=False` (losses, perplexities) a rise counts instead. This is the "effective
+    length" of RULER (Hsieh et al., 2024) measured against the model's own training-length score
+    rather than a fixed threshold. A 1e-9 slack absorbs rounding (1.0 - 0.95 > 0.05 in floats).
+    """
+    lengths, scores = list(lengths), [float(score) for score in scores]
+    if not lengths or len(lengths) != len(scores):
+        raise ValueError(f"need one score per length, at least one: got {len(lengths)} lengths, {len(scores)} scores")
+    if any(b <= a for a, b in itertools.pairwise(lengths)):
+        raise ValueError(f"lengths must rise strictly, got {lengths}")
+    if not all(math.isfinite(score) for score in scores):
+        raise ValueError(f"scores must be finite numbers, got {scores}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+        raise ValueError(f"margin must be a non-negative number, got {margin!r}")
+    first, longest = scores[0], lengths[0]
+    for length, score in zip(lengths, scores):
+        fall = first - score if higher_is_better else score - first
+        if fall > margin + 1e-9:
+            break
+        longest = length
+    return longest
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from minigpt.attention import KVCache, attention, chunked_attention, sdpa_attention
-from minigpt.positions import RotaryEmbedding, apply_rotary
+from minigpt.positions import RopeScaling, RotaryEmbedding, apply_rotary
 
 AttentionImpl = Literal["sdpa", "explicit", "chunked"]
 ATTENTION_IMPLS = ("sdpa", "explicit", "chunked")
@@ -39,6 +39,9 @@ class GPTConfig:
     n_embd: int = 128
     mlp_hidden: int = 0  # SwiGLU width; 0 means 8/3 * n_embd rounded up to a multiple of 32
     rope_base: float = 10_000.0
+    rope_scaling: str = "rope"  # context extension: "rope" (none), "linear", "ntk", "dynamic-ntk", "yarn"
+    rope_factor: float = 1.0  # the scale factor s: how many times past rope_original_context to stretch
+    rope_original_context: int = 0  # the length the model was trained at (needed by every scaling scheme)
     tie_embeddings: bool = True  # share the input embedding with the output projection
     norm_eps: float = 1e-5
     tokenizer: str = "minigpt-8k"  # the rank file in data/tokenizer/ that the ids come from
@@ -55,6 +58,12 @@ class GPTConfig:
             raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary positions")
+        RopeScaling(self.rope_scaling, self.rope_factor, self.rope_original_context)  # validates them now
+
+    @property
+    def rope(self) -> RopeScaling:
+        """The positional scheme as `minigpt.positions.RopeScaling`."""
+        return RopeScaling(self.rope_scaling, self.rope_factor, self.rope_original_context)
 
     @property
     def head_dim(self) -> int:
@@ -166,7 +175,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_base)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_base, config.rope)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -214,7 +223,8 @@ class GPT(nn.Module):
         if past + length > self.config.context:
             raise ValueError(
                 f"{past} cached + {length} new tokens exceed the model's context of {self.config.context} "
-                "tokens; shorten the prompt (this model never truncates it for you)"
+                "tokens; shorten the prompt (this model never truncates it for you), or build the model with a "
+                "longer context and a RoPE scaling scheme (rope_scaling, rope_factor, rope_original_context)"
             )
         cos, sin = self.rotary(past, length, x.device)
         attentions = []

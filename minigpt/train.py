@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minigpt import data
+from minigpt.evals import fit_probe
 from minigpt.model import GPT, GPTConfig, preset
 from minigpt.tokenizer import Tokenizer
 
@@ -53,6 +55,7 @@ class TrainConfig:
     eval_windows: int = 64  # validation windows per periodic evaluation (the final one uses all)
     seed: int = 0
     time_budget: float | None = None  # seconds of training after which to stop early
+    probe_mix: float = 0.0  # share of each batch's rows that are synthetic retrieval probes, not Shakespeare
     model_overrides: dict = field(default_factory=dict)  # GPTConfig fields to change from the preset
 
 
@@ -84,6 +87,54 @@ def sample_batch(
     starts = torch.randint(len(tokens) - context, (batch_size,), generator=generator)
     windows = torch.stack([tokens[s : s + context + 1] for s in starts.tolist()])
     return windows[:, :-1], windows[:, 1:]
+
+
+@lru_cache(maxsize=16)
+def probe_size_limits(tokenizer_name: str, length: int) -> dict[str, tuple[int, int]]:
+    """For each probe kind that fits in `length` tokens: the smallest size and the largest that fits.
+
+    Measured once with `minigpt.evals.fit_probe` on a fixed draw; kinds whose smallest probe is
+    longer than `length` (the variable chain needs about 150 tokens) are left out.
+    """
+    tokenizer, limits = load_tokenizer(tokenizer_name), {}
+    for kind, smallest in data.PROBE_SMALLEST.items():
+        try:
+            largest, _ = fit_probe(lambda size, kind=kind: data.make_probe(kind, random.Random(0), size), tokenizer,
+                                   length, smallest)
+        except ValueError:
+            continue
+        limits[kind] = (smallest, largest)
+    return limits
+
+
+def probe_window(rng: random.Random, tokenizer_name: str, length: int) -> torch.Tensor:
+    """`length` token ids of synthetic retrieval probes (`minigpt.data.PROBE_KINDS`) packed back to back.
+
+    Each probe's kind and size are drawn from `rng`, sizes from the smallest up to one that fills
+    the window, so the model practises finding a needle anywhere from a few tokens to a whole
+    window back. Probes are separated by a blank line; the last one is cut off at `length`.
+    """
+    tokenizer, limits = load_tokenizer(tokenizer_name), probe_size_limits(tokenizer_name, length)
+    ids: list[int] = []
+    while len(ids) < length:
+        kind = rng.choice(sorted(limits))
+        size = rng.randint(*limits[kind])
+        ids += tokenizer.encode_ordinary(data.probe_text(kind, rng, size) + "\n\n")
+    return torch.tensor(ids[:length], dtype=torch.long)
+
+
+def training_batch(
+    tokens: torch.Tensor, config: TrainConfig, context: int, generator: torch.Generator,
+    rng: random.Random, tokenizer_name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One global batch: `sample_batch` windows of the corpus, the last `probe_mix` share of the
+    rows replaced by `probe_window`s. Inputs and targets, `(batch_size, context)` each."""
+    x, y = sample_batch(tokens, config.batch_size, context, generator)
+    n_probes = round(config.probe_mix * config.batch_size)
+    for row in range(config.batch_size - n_probes, config.batch_size):
+        window = probe_window(rng, tokenizer_name, context + 1)
+        x[row], y[row] = window[:-1], window[1:]
+    return x, y
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -222,15 +273,18 @@ def train(
     train_tokens, val_tokens = corpus_tokens("train", model_config.tokenizer), corpus_tokens("val", model_config.tokenizer)
     byte_lengths = token_byte_lengths(load_tokenizer(model_config.tokenizer))
     generator = torch.Generator().manual_seed(config.seed)
+    if not 0 <= config.probe_mix <= 1:
+        raise ValueError(f"probe_mix is the share of probe rows per batch, from 0 to 1; got {config.probe_mix}")
+    probe_rng = random.Random(config.seed)
     for _ in range(start_step):  # replay the batch stream, so a resumed run sees the same batches
-        sample_batch(train_tokens, config.batch_size, model_config.context, generator)
+        training_batch(train_tokens, config, model_config.context, generator, probe_rng, model_config.tokenizer)
     local = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
 
     elapsed = history["seconds"][-1] if history["seconds"] else 0.0
     clock = time.perf_counter() - elapsed
     bar = tqdm(range(start_step, config.steps), desc=f"training {config.preset}", disable=not progress or rank != 0)
     for step in bar:
-        x, y = sample_batch(train_tokens, config.batch_size, model_config.context, generator)
+        x, y = training_batch(train_tokens, config, model_config.context, generator, probe_rng, model_config.tokenizer)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         loss = ddp_model(x[local], y[local]).loss
@@ -269,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
+    parser.add_argument("--probe-mix", type=float, default=defaults.probe_mix,
+                        help="share of each batch that is synthetic retrieval probes (passkey, key-value, ...)")
     parser.add_argument("--out", type=Path, default=None, help="checkpoint path (default: data/checkpoints/PRESET.pt)")
     parser.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint")
     parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float32",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import codecs
 import html
 import io
+import itertools
 import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Literal, NamedTuple, Protocol
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from IPython.display import HTML, display
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
 from minigpt.model import GPT
@@ -270,7 +272,7 @@ def plot_training(
     loss_ax.set(xlabel="step", ylabel="training loss (nats per token)", title="training loss")
     loss_ax.legend(loc="upper right")
     val_ax.plot(history["val_step"], history["val_bpb"], "o-", color="#c2410c", label="validation")
-    for (label, value), style in zip((references or {}).items(), ("--", ":", "-.")):
+    for (label, value), style in zip((references or {}).items(), itertools.cycle(("--", ":", "-."))):
         val_ax.axhline(value, color="#555", linestyle=style, linewidth=1, label=label)
     val_ax.set(xlabel="step", ylabel="bits per byte", title="held-out Shakespeare")
     val_ax.legend(loc="upper right")
@@ -315,17 +317,20 @@ def attention_maps(model: GPT, ids: Sequence[int]) -> torch.Tensor:
 
 def kv_group(head: int, n_head: int, n_kv_head: int) -> int:
     """The key/value head that query head `head` reads under grouped-query attention."""
+    if n_kv_head < 1 or n_head % n_kv_head or not 0 <= head < n_head:
+        raise ValueError(f"need 0 <= head < n_head and n_kv_head dividing n_head, got head={head}, "
+                         f"n_head={n_head}, n_kv_head={n_kv_head}")
     return head // (n_head // n_kv_head)
 
 
 def plot_attention(
     weights: torch.Tensor, labels: Sequence[str], ax, selected: int | None = None, title: str = "",
     show_labels: bool = True, frame_color: str | None = None,
-) -> None:
+) -> AxesImage:
     """Draw one head's attention `(T_q, T_k)` as a heatmap on `ax`: rows are queries, columns keys.
 
     Keys a causal query cannot see (above the diagonal) are grey, so the triangle is visible; the
-    `selected` query's row is outlined.
+    `selected` query's row is outlined. Returns the image, for a colorbar.
     """
     n_queries, n_keys = weights.shape
     visible = torch.ones(n_queries, n_keys).tril(n_keys - n_queries).bool()
@@ -359,6 +364,8 @@ def plot_heads(
     """
     n_head = maps.shape[0]
     heads = list(range(n_head)) if heads is None else list(heads)
+    if not heads:
+        raise ValueError("heads must name at least one head (or be None for all of them)")
     columns = min(len(heads), 4)
     rows = math.ceil(len(heads) / columns)
     single = len(heads) == 1
@@ -503,7 +510,7 @@ def plot_generation_step(trace: GenerationTrace, labels: Sequence[str], step: in
     row per layer and head (positions not yet cached are grey), and the cache's bytes so far."""
     row = trace.rows[step]  # (n_layer, n_head, length)
     n_layer, n_head, length = row.shape
-    total = len(trace.ids) - 1  # positions in the cache at the last step
+    total = trace.cache_lengths[-1]  # positions in the cache at the last step
     grid = np.full((n_layer * n_head, total), np.nan)
     grid[:, :length] = row.reshape(n_layer * n_head, length).numpy()
     figure = Figure(figsize=(11, 4.2), layout="constrained")

@@ -1,22 +1,38 @@
-"""Tests for minigpt.data: Shakespeare's rendering and split, the synthetic text's correctness."""
+"""Tests for minigpt.data: Shakespeare's rendering and split, the synthetic text's correctness, the probes."""
 
 import hashlib
+import math
 import random
 import re
+from collections import Counter
 
 import pytest
 
 from minigpt import data
 from minigpt.data import (
     GENERATORS,
+    PASSKEY_FILLER,
+    PASSKEY_INTRO,
+    PROBE_KINDS,
+    repeat_probe,
+    common_words,
+    PROBE_SIZES,
     WORLD,
     WORDS,
+    Probe,
     example_split,
+    frequent_word_probe,
+    kv_probe,
+    make_probe,
+    mrcr_probe,
+    passkey_probe,
+    probe_text,
     render_play,
     shakespeare_plays,
     shakespeare_text,
     split_at_speech,
     synthetic_text,
+    variable_chain_probe,
 )
 
 EQUATION = re.compile(r"(\d+) ([-+*]) (\d+) = (-?\d+)")
@@ -251,3 +267,252 @@ def test_command_prints_sizes_and_writes_texts(tmp_path, capsys):
             digest = hashlib.sha256(text.encode()).hexdigest()[:12]
             assert re.search(rf"^{name} +{split} +{len(text):,} .* {digest} ", printed, re.MULTILINE)
             assert (tmp_path / f"{name}_{split}.txt").read_text(encoding="utf-8") == text
+
+
+# --- long-context probes ------------------------------------------------------------------------
+
+PAIR = re.compile(r" The value of key (\w+) is (\d+)\.")
+STATEMENT = re.compile(r" VAR ([A-Z]+) = (\w+)\.")
+ROUND = re.compile(r"User: Give me a code about (\w+)\.\nAssistant: (\d+)\n")
+MRCR_QUESTION = re.compile(r"User: Repeat the code of the (\d)(?:st|nd|rd|th) request about (\w+)\.\nAssistant:")
+
+
+def only_filler(text: str) -> int:
+    """How many copies of the filler `text` is made of (and nothing else)."""
+    copies, rest = divmod(len(text), len(PASSKEY_FILLER))
+    assert rest == 0 and text == PASSKEY_FILLER * copies, text[:120]
+    return copies
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_passkey_needle_sits_once_at_its_depth(seed):
+    rng = random.Random(seed)
+    n_filler, depth = rng.randint(1, 60), rng.choice([0.0, 0.25, 0.5, 1.0, rng.random()])
+    probe = passkey_probe(random.Random(100 + seed), n_filler, depth=depth)
+    key = probe.answer[1:]
+    assert probe.answer == " " + key and re.fullmatch(r"\d{4}", key)
+    assert probe.kind == "passkey" and probe.depth == depth
+    question = " What is the pass key? The pass key is"
+    assert probe.prompt.startswith(PASSKEY_INTRO) and probe.prompt.endswith(question)
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key."
+    assert probe.prompt.count(needle) == 1
+    assert re.findall(r"\d+", probe.prompt) == [key, key]  # the key's digits appear only in the needle
+    start = probe.prompt.index(needle)
+    before = only_filler(probe.prompt[len(PASSKEY_INTRO) : start])
+    after = only_filler(probe.prompt[start + len(needle) : -len(question)])
+    assert before + after == n_filler
+    # The needle's place in the haystack (the filler around it), by characters, is the depth asked for.
+    haystack = len(probe.prompt) - len(PASSKEY_INTRO) - len(needle) - len(question)
+    assert abs((start - len(PASSKEY_INTRO)) / haystack - depth) <= 0.5 / n_filler + 1e-12
+
+
+def test_passkey_random_depth_digits_and_no_filler():
+    depths = {passkey_probe(random.Random(seed), 100).depth for seed in range(20)}
+    assert len(depths) == 20 and all(0 <= d < 1 for d in depths)
+    probe = passkey_probe(random.Random(3), 100)
+    start = probe.prompt.index(" The pass key is")
+    assert abs((start - len(PASSKEY_INTRO)) / (100 * len(PASSKEY_FILLER)) - probe.depth) <= 0.005 + 1e-12
+    assert re.fullmatch(r" \d{9}", passkey_probe(random.Random(0), 3, digits=9).answer)
+    bare = passkey_probe(random.Random(0), 0, depth=0.7)
+    assert PASSKEY_FILLER not in bare.prompt and bare.answer[1:] in bare.prompt
+    keys = {passkey_probe(random.Random(seed), 0).answer for seed in range(200)}
+    assert len(keys) > 150 and any(key[1] == "0" for key in keys)  # random digits, a leading 0 included
+
+
+@pytest.mark.parametrize("n_pairs, n_filler", [(1, 0), (1, 20), (2, 0), (7, 0), (9, 40), (200, 0)])
+def test_kv_queried_value_is_the_keys_value(n_pairs, n_filler):
+    for seed in range(5):
+        probe = kv_probe(random.Random(seed), n_pairs, n_filler=n_filler)
+        question = re.search(r" What is the value of key (\w+)\? The value of key (\w+) is$", probe.prompt)
+        assert question and question[1] == question[2]
+        body = probe.prompt[: question.start()]
+        pairs = PAIR.findall(body)
+        assert len(pairs) == n_pairs and len(dict(pairs)) == n_pairs  # distinct keys
+        assert len({value for _, value in pairs}) == n_pairs and all(len(value) == 4 for _, value in pairs)
+        values = dict(pairs)
+        assert probe.answer == " " + values[question[1]]
+        assert body.count(f"key {question[1]} ") == 1
+        index = [key for key, _ in pairs].index(question[1])
+        expected_depth = index / (n_pairs - 1) if n_pairs > 1 else probe.depth
+        assert probe.depth == expected_depth and 0 <= probe.depth <= 1
+        assert only_filler(PAIR.sub("", body.removeprefix(data.KV_INTRO))) == n_filler
+
+
+def test_kv_depth_picks_the_pair_and_places_it_in_the_filler():
+    for depth, index in [(0.0, 0), (0.3, 3), (0.5, 5), (1.0, 10)]:
+        probe = kv_probe(random.Random(1), 11, n_filler=100, depth=depth)
+        key = re.search(r"value of key (\w+)\?", probe.prompt)[1]
+        body = probe.prompt[: probe.prompt.index(" What is")]
+        assert [k for k, _ in PAIR.findall(body)].index(key) == index
+        assert probe.depth == index / 10
+        # With this much filler the pair's character position tracks its depth.
+        position = body.index(f"key {key} ") - len(data.KV_INTRO)
+        assert abs(position / (len(body) - len(data.KV_INTRO)) - probe.depth) < 0.05
+    # One pair is placed like a passkey.
+    single = kv_probe(random.Random(2), 1, n_filler=50, depth=0.6)
+    before = single.prompt[len(data.KV_INTRO) : single.prompt.index(" The value of key")]
+    assert only_filler(before) == 30 and single.depth == 0.6
+
+
+def resolve_variables(prompt: str) -> tuple[dict[str, str], dict[str, int]]:
+    """An independent reading of a variable-chain prompt: each variable's number, and its hop count."""
+    numbers, hops = {}, {}
+    for name, value in STATEMENT.findall(prompt):
+        assert name not in numbers, f"{name} assigned twice"
+        if value.isdigit():
+            numbers[name], hops[name] = value, 0
+        else:
+            assert value in numbers, f"{value} used before it is assigned"
+            numbers[name], hops[name] = numbers[value], hops[value] + 1
+    return numbers, hops
+
+
+@pytest.mark.parametrize("n_hops, n_filler, n_distractors", [(1, 0, 0), (4, 0, 1), (3, 25, 2), (10, 60, 3)])
+def test_variable_chain_resolves_to_the_answer(n_hops, n_filler, n_distractors):
+    for seed in range(5):
+        probe = variable_chain_probe(random.Random(seed), n_hops, n_filler, n_distractors)
+        assert probe.kind == "variable-chain" and math.isnan(probe.depth)
+        question = re.search(r" What is the value of VAR ([A-Z]+)\? VAR ([A-Z]+) =$", probe.prompt)
+        assert question and question[1] == question[2]
+        body = probe.prompt[: question.start()]
+        numbers, hops = resolve_variables(body)
+        assert len(numbers) == (1 + n_distractors) * (n_hops + 1)
+        assert probe.answer == " " + numbers[question[1]] and re.fullmatch(r" \d{5}", probe.answer)
+        assert hops[question[1]] == n_hops  # the asked-for variable ends a full chain
+        starts = [name for name, hop in hops.items() if hop == 0]
+        assert len({numbers[name] for name in starts}) == 1 + n_distractors  # distractors carry other numbers
+        assert only_filler(STATEMENT.sub("", body.removeprefix(data.VARIABLE_INTRO))) == n_filler
+
+
+def test_variable_chain_statements_are_shuffled_and_spread():
+    orders, places = set(), set()
+    for seed in range(10):
+        probe = variable_chain_probe(random.Random(seed), 3, 40)
+        numbers, hops = resolve_variables(probe.prompt)
+        orders.add(tuple(hops.values()))
+        places.add(probe.prompt.index(" VAR "))
+    assert len(orders) > 1 and len(places) > 1
+
+
+@pytest.mark.parametrize("n_words", [4, 5, 12, 30, 31, 59, 100, 333, 1000])
+def test_frequent_word_is_the_unique_most_frequent(n_words):
+    for seed in range(4):
+        probe = frequent_word_probe(random.Random(seed), n_words)
+        match = re.fullmatch(r"Here is a list of words: (.+)\. The most frequent word in the list is", probe.prompt)
+        assert match and probe.kind == "frequent-word" and math.isnan(probe.depth)
+        words = match[1].split(", ")
+        assert len(words) == n_words and all(re.fullmatch(r"[a-z]+", word) for word in words)
+        (top, top_count), (_, second_count) = Counter(words).most_common(2)
+        assert probe.answer == " " + top
+        assert top_count >= 3 * second_count  # clearly the most frequent, and the only maximum
+
+
+
+def test_frequent_word_list_is_shuffled():
+    tops_first = tops_last = 0
+    for seed in range(20):
+        probe = frequent_word_probe(random.Random(seed), 40)
+        words = probe.prompt.removeprefix("Here is a list of words: ").split(".")[0].split(", ")
+        tops_first += words[0] == probe.answer[1:]
+        tops_last += words[-1] == probe.answer[1:]
+    assert tops_first < 15 and tops_last < 15  # the top word (12 of 40) is not kept at either end
+
+
+@pytest.mark.parametrize("n_rounds", [2, 3, 5, 9, 40])
+def test_mrcr_answer_is_the_code_of_the_nth_request(n_rounds):
+    for seed in range(6):
+        probe = mrcr_probe(random.Random(seed), n_rounds)
+        question = MRCR_QUESTION.search(probe.prompt)
+        assert question and question.end() == len(probe.prompt)
+        rounds = ROUND.findall(probe.prompt[: question.start()])
+        assert "".join(f"User: Give me a code about {t}.\nAssistant: {c}\n" for t, c in rounds) == probe.prompt[
+            : question.start()
+        ]
+        assert len(rounds) == n_rounds and len({code for _, code in rounds}) == n_rounds
+        assert all(2 <= count <= 4 for count in Counter(topic for topic, _ in rounds).values())
+        nth, topic = int(question[1]), question[2]
+        about = [i for i, (t, _) in enumerate(rounds) if t == topic]
+        assert probe.answer == " " + rounds[about[nth - 1]][1]
+        assert probe.depth == about[nth - 1] / (n_rounds - 1)
+
+
+def test_mrcr_asks_every_ordinal_of_interleaved_requests():
+    ordinals = {MRCR_QUESTION.search(mrcr_probe(random.Random(seed), 30).prompt)[1] for seed in range(60)}
+    assert ordinals == {"1", "2", "3", "4"}
+    # A topic's requests are spread through the conversation, not asked in a row.
+    topics = [topic for topic, _ in ROUND.findall(mrcr_probe(random.Random(0), 30).prompt)]
+    changes = sum(a != b for a, b in zip(topics, topics[1:]))
+    assert changes > 20
+
+
+def test_probes_are_seeded_plain_text_with_a_spaced_answer():
+    sizes = {"passkey": 5, "kv": 6, "variable-chain": 5, "frequent-word": 20, "mrcr": 8, "repeat": 7}
+    assert set(PROBE_SIZES) == set(PROBE_KINDS) == set(sizes)
+    for kind, size in sizes.items():
+        random.seed(1)
+        first = make_probe(kind, random.Random(7), size)
+        random.seed(2)  # the global random state plays no part
+        assert make_probe(kind, random.Random(7), size) == first
+        assert make_probe(kind, random.Random(8), size).prompt != first.prompt
+        assert isinstance(first, Probe) and first.kind == kind
+        assert first.answer.startswith(" ") and not first.answer[1:].startswith(" ")
+        assert not first.prompt.endswith((" ", "\n")) and first.text == first.prompt + first.answer
+        assert "<|" not in first.text and "|>" not in first.text
+        assert probe_text(kind, random.Random(7), size) == first.text
+        # The size argument really is the one named in PROBE_SIZES.
+        generator = {"passkey": passkey_probe, "kv": kv_probe, "variable-chain": variable_chain_probe,
+                     "frequent-word": frequent_word_probe, "mrcr": mrcr_probe, "repeat": repeat_probe}[kind]
+        assert generator(random.Random(7), **{PROBE_SIZES[kind]: size}) == first
+        assert len(make_probe(kind, random.Random(7), 2 * size).prompt) > len(first.prompt)
+    assert make_probe("passkey", random.Random(0), 3, depth=0.5, digits=6) == passkey_probe(
+        random.Random(0), 3, depth=0.5, digits=6
+    )
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda rng: passkey_probe(rng, -1), "n_filler must be an integer at least 0"),
+        (lambda rng: passkey_probe(rng, 2.0), "n_filler"),
+        (lambda rng: passkey_probe(rng, 3, depth=1.5), "depth must be a number from 0"),
+        (lambda rng: passkey_probe(rng, 3, depth=-0.1), "depth"),
+        (lambda rng: passkey_probe(rng, 3, depth=math.nan), "depth"),
+        (lambda rng: passkey_probe(rng, 3, depth="half"), "depth"),
+        (lambda rng: passkey_probe(rng, 3, digits=0), "digits"),
+        (lambda rng: kv_probe(rng, 0), "n_pairs must be an integer from 1 to 4900"),
+        (lambda rng: kv_probe(rng, 4901), "n_pairs"),
+        (lambda rng: kv_probe(rng, 3, n_filler=-2), "n_filler"),
+        (lambda rng: kv_probe(rng, 3, depth=2), "depth"),
+        (lambda rng: variable_chain_probe(rng, 0), "n_hops"),
+        (lambda rng: variable_chain_probe(rng, 2, -1), "n_filler"),
+        (lambda rng: variable_chain_probe(rng, 2, 0, -1), "n_distractors"),
+        (lambda rng: variable_chain_probe(rng, 5000, 0, 3), "variable names"),
+        (lambda rng: frequent_word_probe(rng, 3), "n_words must be an integer at least 4"),
+        (lambda rng: mrcr_probe(rng, 1), "n_rounds must be an integer from 2"),
+        (lambda rng: mrcr_probe(rng, True), "n_rounds"),
+        (lambda rng: make_probe("needle", rng, 3), "kind must be one of"),
+    ],
+)
+def test_probe_generators_refuse_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make(random.Random(0))
+
+
+def test_repeat_probe_asks_for_the_last_word_of_the_list_it_repeats():
+    probe = repeat_probe(random.Random(4), 9)
+    head, again = probe.text.split(". Again: ")
+    words = head.removeprefix("Say these words again: ").split(" ")
+    assert len(words) == 9 and again.split(" ") == words
+    assert all(word in common_words() for word in words)
+    assert len(set(words)) > 6  # drawn from about a thousand words: few repeats
+    assert probe.answer == " " + words[-1] and probe.kind == "repeat" and math.isnan(probe.depth)
+    with pytest.raises(ValueError, match="n_words"):
+        repeat_probe(random.Random(0), 1)
+
+
+def test_common_words_are_frequent_real_words_of_the_training_split():
+    words = common_words()
+    assert 500 < len(words) < 3000 and list(words) == sorted(set(words))
+    assert {"the", "king", "love"} <= set(words) and all(word.isalpha() and word.islower() for word in words)
+    text = shakespeare_text("train")
+    assert all(len(re.findall(rf"\b{word}\b", text, flags=re.IGNORECASE)) >= 50 for word in words[:20])

@@ -1,24 +1,35 @@
-"""Tests for minigpt/evals.py: repeated random sequences, head scores, repeat losses, attention cost."""
+"""Tests for minigpt/evals.py: repeated random sequences, head scores, repeat losses, attention cost,
+long-context probe scoring."""
 
 import math
+import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minigpt.data import PASSKEY_FILLER, PROBE_KINDS, Probe, make_probe, passkey_probe
 from minigpt.evals import (
     HEAD_KINDS,
+    answer_accuracy,
+    answers_correct,
     attention_cost,
     best_heads,
+    effective_length,
+    fit_probe,
     head_scores,
+    loss_by_position,
     main,
     pattern_scores,
     peak_memory_rise,
+    probe_ids,
     repeat_losses,
     repeated_random_tokens,
 )
 from minigpt.model import GPT, GPTConfig
+from minigpt.train import load_tokenizer
 
 MiB = 1024 * 1024
 
@@ -284,3 +295,291 @@ def test_command_line_prints_json(capsys):
     main(["attention-cost", "exact", "64", "--n-head", "2", "--head-dim", "8"])
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"peak_bytes", "seconds"} and result["seconds"] > 0
+
+
+# --- long-context probes --------------------------------------------------------------------------
+
+# The smallest size of each probe kind, and probe sizes that fit a 64-token context with the course
+# tokenizer (a variable chain of one hop, no distractor, needs more: 65 tokens).
+SMALLEST = {"passkey": 0, "kv": 1, "variable-chain": 0, "frequent-word": 4, "mrcr": 2, "repeat": 2}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("minigpt-8k")
+
+
+@pytest.fixture(scope="module")
+def random_gpt():
+    """A tiny model on the course vocabulary whose weights are large enough that its greedy choices
+    depend on the input (at the usual 0.02 init it predicts one token whatever it reads)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=8192, context=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 1.0)
+    return model.eval()
+
+
+def short_probes(n: int = 6) -> list[Probe]:
+    """Probes of three kinds and several token lengths, all within 64 tokens."""
+    makers = [
+        lambda rng: passkey_probe(rng, 0),
+        lambda rng: make_probe("kv", rng, rng.choice([1, 2])),
+        lambda rng: make_probe("frequent-word", rng, rng.randint(4, 12)),
+    ]
+    return [makers[i % 3](random.Random(i)) for i in range(n)]
+
+
+class CharTokenizer:
+    """One token per byte: lengths are character counts, which makes expected sizes easy to compute."""
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+class OracleModel(nn.Module):
+    """Knows a list of token sequences: wherever the input so far is a prefix of one of them, it
+    puts all its weight on the token that comes next there (token 0 elsewhere), except after the
+    prefixes in `wrong_after`, where it picks the next token id instead. Records each call's input
+    shape."""
+
+    def __init__(self, sequences: list[list[int]], context: int = 64, wrong_after: tuple = ()):
+        super().__init__()
+        self.config = SimpleNamespace(context=context)
+        self.vocab_size = 8192
+        self.next_token = {tuple(seq[:t]): seq[t] for seq in sequences for t in range(1, len(seq))}
+        for prefix in wrong_after:
+            self.next_token[tuple(prefix)] = (self.next_token[tuple(prefix)] + 1) % self.vocab_size
+        self.shapes = []
+
+    def forward(self, idx):
+        self.shapes.append(tuple(idx.shape))
+        logits = torch.zeros(*idx.shape, self.vocab_size)
+        for b, row in enumerate(idx.tolist()):
+            for t in range(len(row)):
+                logits[b, t, self.next_token.get(tuple(row[: t + 1]), 0)] = 30.0
+        return SimpleNamespace(logits=logits)
+
+
+def full_ids(tokenizer, probe: Probe) -> list[int]:
+    prompt, answer = probe_ids(tokenizer, probe)
+    return prompt + answer
+
+
+def test_probes_encode_the_same_in_two_halves_as_whole(tokenizer):
+    # The scorer encodes prompt and answer apart; training reads them as one text. They must agree.
+    for kind in PROBE_KINDS:
+        for seed, extra in enumerate([0, 1, 5, 30]):
+            probe = make_probe(kind, random.Random(seed), SMALLEST[kind] + extra)
+            prompt, answer = probe_ids(tokenizer, probe)
+            assert tokenizer.encode_ordinary(probe.text) == prompt + answer, (kind, extra)
+            assert tokenizer.encode_ordinary(probe.text + "\n\n") == prompt + answer + tokenizer.encode_ordinary("\n\n")
+
+
+def test_probe_ids_refuse_an_empty_answer(tokenizer):
+    with pytest.raises(ValueError, match="non-empty prompt and answer"):
+        probe_ids(tokenizer, Probe("The pass key is", "", "passkey", 0.5))
+
+
+def test_fit_probe_matches_a_character_count():
+    # With one token per character a passkey probe is a fixed part plus one filler per size unit.
+    fixed = len(passkey_probe(random.Random(0), 0, depth=0.5).text)
+    for budget in (fixed, fixed + 1, fixed + 3 * len(PASSKEY_FILLER), fixed + 3 * len(PASSKEY_FILLER) - 1, 5000):
+        size, probe = fit_probe(lambda n: passkey_probe(random.Random(0), n, depth=0.5), CharTokenizer(), budget)
+        assert size == (budget - fixed) // len(PASSKEY_FILLER)
+        assert probe == passkey_probe(random.Random(0), size, depth=0.5)
+
+
+@pytest.mark.parametrize("kind", PROBE_KINDS)
+@pytest.mark.parametrize("n_tokens", [200, 700])
+def test_fit_probe_finds_the_largest_size_that_fits(tokenizer, kind, n_tokens):
+    def make(size):
+        calls.append(size)
+        return make_probe(kind, random.Random(3), size)
+
+    calls = []
+    size, probe = fit_probe(make, tokenizer, n_tokens, smallest=SMALLEST[kind])
+    assert probe == make_probe(kind, random.Random(3), size) and size >= SMALLEST[kind]
+    assert len(full_ids(tokenizer, probe)) <= n_tokens < len(full_ids(tokenizer, make(size + 1)))
+    assert len(calls) <= 2 * math.log2(size + 2) + 3  # doubling then bisecting, not a scan
+
+
+def test_fit_probe_refuses_what_cannot_fit_or_does_not_grow(tokenizer):
+    def passkey(n):
+        return passkey_probe(random.Random(0), n)
+
+    with pytest.raises(ValueError, match="even the smallest probe \\(size 0\\) needs more than 20 tokens"):
+        fit_probe(passkey, tokenizer, 20)
+    with pytest.raises(ValueError, match="length must grow with size"):
+        fit_probe(lambda n: passkey(0), tokenizer, 100)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="n_tokens must be a positive integer"):
+            fit_probe(passkey, tokenizer, bad)
+
+
+def test_a_perfect_model_scores_one_and_a_wrong_digit_scores_zero(tokenizer):
+    probes = short_probes(6)
+    sequences = [full_ids(tokenizer, probe) for probe in probes]
+    assert len({len(seq) for seq in sequences}) > 1  # several lengths in one call
+    perfect = OracleModel(sequences)
+    assert answers_correct(perfect, tokenizer, probes, batch_size=2) == [True] * 6
+    assert answer_accuracy(perfect, tokenizer, probes) == 1.0
+    # Probe 3's model gets one digit of its passkey wrong (the third answer token), probe 4's the
+    # leading space, each right before and after it: those probes count wrong, and only those.
+    wrong_after = []
+    for i, offset in ((3, 2), (4, 0)):
+        answer_start = len(probe_ids(tokenizer, probes[i])[0])
+        wrong_after.append(sequences[i][: answer_start + offset])
+    wrong = OracleModel(sequences, wrong_after=wrong_after)
+    assert answers_correct(wrong, tokenizer, probes, batch_size=2) == [True, True, True, False, False, True]
+    assert answer_accuracy(wrong, tokenizer, probes, batch_size=4) == pytest.approx(4 / 6)
+    # A mistake in the prompt, before the answer, does not count.
+    in_prompt = OracleModel(sequences, wrong_after=[sequences[0][:5]])
+    assert answers_correct(in_prompt, tokenizer, probes) == [True] * 6
+
+
+def test_the_first_and_last_answer_tokens_matter(tokenizer):
+    probe = passkey_probe(random.Random(5), 0)
+    sequence = full_ids(tokenizer, probe)
+    answer_start = len(probe_ids(tokenizer, probe)[0])
+    assert answers_correct(OracleModel([sequence]), tokenizer, [probe]) == [True]
+    for position in (answer_start, len(sequence) - 1):
+        model = OracleModel([sequence], wrong_after=[sequence[:position]])
+        assert answers_correct(model, tokenizer, [probe]) == [False], position
+
+
+def test_a_probe_may_fill_the_context_exactly(tokenizer):
+    probe = passkey_probe(random.Random(5), 0)
+    sequence = full_ids(tokenizer, probe)
+    assert answers_correct(OracleModel([sequence], context=len(sequence)), tokenizer, [probe]) == [True]
+    with pytest.raises(ValueError, match=f"needs {len(sequence)} tokens, more than the model's context"):
+        answers_correct(OracleModel([sequence], context=len(sequence) - 1), tokenizer, [probe])
+
+
+def test_one_forward_per_batch_of_equal_lengths(tokenizer):
+    probes = short_probes(9)
+    lengths = [len(full_ids(tokenizer, probe)) for probe in probes]
+    model = OracleModel([full_ids(tokenizer, probe) for probe in probes])
+    answers_correct(model, tokenizer, probes, batch_size=2)
+    expected = sorted((-(-lengths.count(n) // 2), n) for n in set(lengths))
+    calls = sorted((len([s for s in model.shapes if s[1] == n - 1]), n) for n in set(lengths))
+    assert calls == expected
+    assert all(batch <= 2 for batch, _ in model.shapes) and sum(b for b, _ in model.shapes) == 9
+
+
+def test_answers_correct_agrees_with_greedy_generation(tokenizer, random_gpt):
+    probes = short_probes(6)
+    # Add probes whose answer is the model's own greedy continuation, and ones that share only its
+    # first token, so both outcomes are tested.
+    for probe in short_probes(6):
+        prompt, _ = probe_ids(tokenizer, probe)
+        generated = random_gpt.generate(torch.tensor([prompt]), 3)[0, len(prompt) :].tolist()
+        for answer_ids in (generated, generated[:2] + [(generated[2] + 1) % 8192]):
+            answer = tokenizer.decode(answer_ids)
+            if tokenizer.encode_ordinary(answer) == answer_ids:  # keep answers that re-encode exactly
+                probes.append(Probe(probe.prompt, answer, probe.kind, probe.depth))
+    assert len(probes) >= 12
+    expected = []
+    for probe in probes:
+        prompt, answer = probe_ids(tokenizer, probe)
+        generated = random_gpt.generate(torch.tensor([prompt]), len(answer), temperature=0.0)
+        expected.append(generated[0, len(prompt) :].tolist() == answer)
+    assert 3 <= sum(expected) <= len(probes) - 3
+    assert answers_correct(random_gpt, tokenizer, probes) == expected
+    assert answers_correct(random_gpt, tokenizer, probes, batch_size=1) == expected
+    assert answer_accuracy(random_gpt, tokenizer, probes, batch_size=3) == pytest.approx(sum(expected) / len(probes))
+
+
+def test_answers_correct_refuses_probes_beyond_the_context(tokenizer, random_gpt):
+    long = passkey_probe(random.Random(0), 3)
+    with pytest.raises(ValueError, match=r"probe 1 \(passkey\) needs \d+ tokens, more than the model's context of 64"):
+        answers_correct(random_gpt, tokenizer, [passkey_probe(random.Random(0), 0), long])
+    with pytest.raises(ValueError, match="no probes"):
+        answer_accuracy(random_gpt, tokenizer, [])
+    with pytest.raises(ValueError, match="batch_size"):
+        answers_correct(random_gpt, tokenizer, short_probes(1), batch_size=0)
+
+
+def test_answers_correct_restores_the_training_flag(tokenizer, random_gpt):
+    random_gpt.train()
+    answers_correct(random_gpt, tokenizer, short_probes(2))
+    assert random_gpt.training
+    random_gpt.eval()
+    answers_correct(random_gpt, tokenizer, short_probes(2))
+    assert not random_gpt.training
+
+
+def test_loss_by_position_equals_a_direct_cross_entropy(tiny_gpt):
+    tokens = torch.randint(0, 64, (5, 20), generator=torch.Generator().manual_seed(4))
+    losses = loss_by_position(tiny_gpt, tokens, batch_size=2)
+    assert losses.shape == (19,)
+    with torch.no_grad():
+        logits = tiny_gpt.eval()(tokens[:, :-1]).logits
+    expected = torch.stack(
+        [torch.stack([F.cross_entropy(logits[b, t], tokens[b, t + 1]) for b in range(5)]).mean() for t in range(19)]
+    )
+    assert torch.allclose(losses, expected, atol=1e-5)
+    assert torch.allclose(loss_by_position(tiny_gpt, tokens, batch_size=8), expected, atol=1e-5)
+
+
+def test_loss_by_position_of_a_copier_drops_in_the_repeat():
+    tokens = repeated_random_tokens(3, 10, high=50, seed=1)  # (3, 20)
+    model = CopyingModel(50, 10).train()
+    model.config = SimpleNamespace(context=32)
+    losses = loss_by_position(model, tokens)
+    assert model.training
+    # Positions 0..9 predict tokens of the random first copy and the repeat's first token: chance.
+    assert torch.allclose(losses[:10], torch.full((10,), math.log(50)), rtol=1e-4)
+    assert losses[10:].max() < 1e-6  # positions 10..18 predict the rest of the repeat
+
+
+def test_loss_by_position_refuses_bad_tokens(tiny_gpt):
+    for bad in (torch.zeros(8, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match="time >= 2"):
+            loss_by_position(tiny_gpt, bad)
+    assert loss_by_position(tiny_gpt, torch.zeros(1, 33, dtype=torch.long)).shape == (32,)  # 32 inputs fit
+    with pytest.raises(ValueError, match="34 tokens need 33 inputs, more than the model's context of 32"):
+        loss_by_position(tiny_gpt, torch.zeros(1, 34, dtype=torch.long))
+
+
+LENGTHS = [256, 512, 1024, 2048, 4096]
+
+
+@pytest.mark.parametrize(
+    "scores, margin, expected",
+    [
+        ([1.0, 0.98, 0.96, 0.80, 0.97], 0.05, 1024),  # 2048 falls too far; the recovery at 4096 does not count
+        ([1.0, 0.95, 0.90, 0.85, 0.80], 0.05, 512),  # exactly the margin is within it
+        ([1.0, 0.95, 0.90, 0.85, 0.80], 0.0, 256),
+        ([0.5, 0.9, 0.95, 0.47, 0.4], 0.05, 2048),  # a better score than the first is within the margin
+        ([0.9, 0.9, 0.9, 0.9, 0.9], 0.0, 4096),
+        ([1.0, 0.0, 1.0, 1.0, 1.0], 0.5, 256),
+    ],
+)
+def test_effective_length_on_hand_made_tables(scores, margin, expected):
+    assert effective_length(LENGTHS, scores, margin) == expected
+
+
+def test_effective_length_for_losses_counts_a_rise():
+    losses = [3.0, 3.05, 3.1, 3.4, 2.0]
+    assert effective_length(LENGTHS, losses, 0.1, higher_is_better=False) == 1024
+    assert effective_length(LENGTHS, losses, 0.1) == 2048  # read as accuracies, only the last one fell
+    assert effective_length([128], [0.3], 0.0) == 128
+
+
+@pytest.mark.parametrize(
+    "lengths, scores, margin, match",
+    [
+        ([], [], 0.1, "one score per length"),
+        ([1, 2], [0.5], 0.1, "one score per length"),
+        ([2, 1], [0.5, 0.5], 0.1, "rise strictly"),
+        ([1, 1], [0.5, 0.5], 0.1, "rise strictly"),
+        ([1, 2], [0.5, math.nan], 0.1, "finite"),
+        ([1, 2], [0.5, 0.5], -0.1, "margin"),
+        ([1, 2], [0.5, 0.5], math.nan, "margin"),
+    ],
+)
+def test_effective_length_refuses_bad_tables(lengths, scores, margin, match):
+    with pytest.raises(ValueError, match=match):
+        effective_length(lengths, scores, margin)

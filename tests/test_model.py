@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minigpt.positions import RopeScaling
 from minigpt.model import (
     GPT,
     PRESETS,
@@ -568,3 +569,102 @@ def test_generation_beyond_the_context_is_refused(model):
         model.generate(random_ids(1, CONTEXT - 4), 5)
     with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer"):
         model.generate(random_ids(1, 3), -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Positional scaling in the config (the schemes themselves: tests/test_positions.py)
+
+
+def test_default_config_uses_plain_rope():
+    config = small_config()
+    assert config.rope == RopeScaling()
+    assert small_model().rotary.scaling == RopeScaling()
+
+
+@pytest.mark.parametrize("scheme", ["linear", "ntk", "dynamic-ntk", "yarn"])
+def test_every_scheme_at_factor_one_gives_the_plain_model(scheme):
+    ids = random_ids(2, CONTEXT)
+    plain = small_model()
+    scaled = small_model(rope_scaling=scheme, rope_factor=1.0, rope_original_context=CONTEXT)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(ids).logits, plain(ids).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["linear", "ntk", "yarn"])
+def test_a_scaled_model_reads_past_its_training_length_with_the_same_weights(scheme):
+    plain = small_model()
+    stretched = GPT(small_config(context=4 * CONTEXT, rope_scaling=scheme, rope_factor=4.0,
+                                 rope_original_context=CONTEXT)).eval()
+    stretched.load_state_dict(plain.state_dict())  # positions add no weights: any checkpoint loads
+    ids = random_ids(1, 4 * CONTEXT)
+    with torch.no_grad():
+        logits = stretched(ids).logits
+        short = stretched(ids[:, :CONTEXT]).logits
+        assert logits.shape == (1, 4 * CONTEXT, VOCAB)
+        # The scheme changes the angles, so the outputs differ from the plain model's even in range.
+        assert not torch.allclose(short, plain(ids[:, :CONTEXT]).logits, atol=1e-4)
+
+
+def test_linear_interpolation_is_plain_rope_on_stretched_positions():
+    """Under PI with factor s, attention between positions s*p and s*q scores like p and q did."""
+    plain = small_model()
+    stretched = small_model(rope_scaling="linear", rope_factor=2.0, rope_original_context=CONTEXT, context=2 * CONTEXT)
+    cos_plain, sin_plain = plain.rotary(0, CONTEXT)
+    cos_pi, sin_pi = stretched.rotary(0, 2 * CONTEXT)
+    torch.testing.assert_close(cos_pi[::2], cos_plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin_pi[::2], sin_plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["linear", "ntk", "yarn"])
+def test_kv_cache_decoding_matches_the_full_forward_under_a_static_scheme(scheme):
+    model = small_model(rope_scaling=scheme, rope_factor=4.0, rope_original_context=8)
+    ids = random_ids(2, CONTEXT)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_kv_cache(2)
+        pieces = [model(ids[:, :4], kv_cache=cache).logits]
+        pieces += [model(ids[:, t : t + 1], kv_cache=cache).logits for t in range(4, CONTEXT)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_dynamic_ntk_with_a_kv_cache_drifts_from_the_full_forward_past_the_training_length():
+    """The pitfall: cached keys keep the base of the step that stored them, a recompute does not."""
+    original = 8
+    model = small_model(rope_scaling="dynamic-ntk", rope_factor=4.0, rope_original_context=original)
+    ids = random_ids(1, CONTEXT)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_kv_cache(1)
+        pieces = [model(ids[:, :1], kv_cache=cache).logits]
+        pieces += [model(ids[:, t : t + 1], kv_cache=cache).logits for t in range(1, CONTEXT)]
+        prefix = model(ids[:, :original]).logits
+    cached = torch.cat(pieces, dim=1)
+    # Up to the training length the base is plain: the cache agrees with a recompute of that prefix.
+    torch.testing.assert_close(cached[:, :original], prefix, rtol=0, atol=1e-5)
+    # A recompute of the whole sequence uses the stretched base at every position, which the keys
+    # cached at earlier steps never had: the two disagree far beyond float rounding.
+    assert (cached - full).abs().amax() > 100 * (cached[:, :original] - prefix).abs().amax()
+    assert (cached - full).abs().amax() > 1e-5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(rope_scaling="alibi"), "unknown RoPE scaling scheme 'alibi'"),
+        (dict(rope_scaling="yarn", rope_factor=0.5, rope_original_context=8), "scale factor must be >= 1"),
+        (dict(rope_scaling="yarn", rope_factor=4.0), "needs original_context"),
+    ],
+)
+def test_bad_rope_scaling_in_the_config_is_refused_at_once(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**overrides)
+
+
+def test_the_context_error_points_to_scaling(model):
+    with pytest.raises(ValueError, match="RoPE scaling scheme"):
+        model(random_ids(1, CONTEXT + 1))
+
+
+def test_a_config_saved_before_scaling_existed_still_loads():
+    old = {k: v for k, v in vars(small_config()).items() if not k.startswith("rope_") or k == "rope_base"}
+    assert GPTConfig(**old).rope == RopeScaling()

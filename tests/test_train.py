@@ -1,23 +1,33 @@
-"""Tests for minigpt/train.py: schedule, batches, bits per byte, checkpoints, resume, and DDP."""
+"""Tests for minigpt/train.py: schedule, batches, bits per byte, checkpoints (and their precision), resume,\nthe step callback, the command line, and DDP."""
 
+import json
 import math
+import random
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from minigpt import data
 from minigpt.model import GPT, GPTConfig
+import minigpt.train
 from minigpt.train import (
+    SAVE_DTYPES,
     TrainConfig,
     bits_per_byte,
     corpus_tokens,
     learning_rate,
     load_checkpoint,
     load_tokenizer,
+    main,
+    probe_size_limits,
+    probe_window,
     sample_batch,
+    training_batch,
+    save_checkpoint,
     token_byte_lengths,
     train,
 )
@@ -119,11 +129,12 @@ def test_ddp_with_two_processes_equals_one_process(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
         "-m", "minigpt.train", "--preset", "nano", "--steps", "4", "--batch-size", "4",
-        "--warmup-steps", "10", "--eval-every", "1000", "--out", str(out),
+        "--warmup-steps", "10", "--eval-every", "1000", "--probe-mix", "0.5", "--out", str(out),
     ]
     # The model override (context 32) has no flag, so the DDP run uses the preset's context: build
-    # the single-process reference the same way.
-    single, _ = train(replace(TINY, model_overrides={}), progress=False)
+    # the single-process reference the same way. Half of each batch is probes, which every rank
+    # must draw alike.
+    single, _ = train(replace(TINY, model_overrides={}, probe_mix=0.5), progress=False)
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ddp, _ = load_checkpoint(out)
@@ -135,3 +146,201 @@ def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):
     train(TINY, out=tmp_path / "nano.pt", progress=False)
     with pytest.raises(ValueError, match="holds a model of config"):
         train(replace(TINY, model_overrides={"context": 64}), resume=tmp_path / "nano.pt", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint precision, inference-only checkpoints, the step callback and the command line
+
+# Embedding-heavy (512 x 32 of 28,768 parameters), so a tied table stored twice would show in the file size.
+SMALL = GPTConfig(vocab_size=512, context=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)
+
+
+def small_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(SMALL).eval()
+
+
+def short_validation(monkeypatch, windows: int = 3) -> None:
+    """Validate on the first few windows of the held-out split only, so a run's final evaluation is quick."""
+    real = minigpt.train.corpus_tokens
+
+    def tokens(split, tokenizer_name="minigpt-8k"):
+        found = real(split, tokenizer_name)
+        return found[: windows * 256 + 1] if split == "val" else found
+
+    monkeypatch.setattr(minigpt.train, "corpus_tokens", tokens)
+
+
+@pytest.mark.parametrize("dtype", sorted(SAVE_DTYPES))
+def test_save_checkpoint_stores_every_weight_in_the_asked_dtype_and_tied_weights_once(tmp_path, dtype):
+    model, path = small_model(), tmp_path / f"{dtype}.pt"
+    save_checkpoint(path, model, None, 7, TINY, {"step": [7]}, dtype=dtype)
+    saved = torch.load(path, weights_only=True)
+    assert set(saved["model"]) == set(model.state_dict()) and "optimizer" not in saved
+    for name, tensor in model.state_dict().items():
+        assert saved["model"][name].dtype == SAVE_DTYPES[dtype], name
+        assert torch.equal(saved["model"][name], tensor.to(SAVE_DTYPES[dtype])), name
+    embedding, head = saved["model"]["token_embedding.weight"], saved["model"]["lm_head.weight"]
+    assert embedding.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+    width = SAVE_DTYPES[dtype].itemsize
+    table = SMALL.vocab_size * SMALL.n_embd
+    assert model.num_parameters() * width < path.stat().st_size < (model.num_parameters() + table // 2) * width
+
+
+def test_half_precision_checkpoint_is_half_the_size_and_loads_close_to_the_original(tmp_path):
+    model = small_model()
+    for dtype in ("float32", "float16"):
+        save_checkpoint(tmp_path / f"{dtype}.pt", model, None, 1, TINY, {}, dtype=dtype)
+    ratio = (tmp_path / "float16.pt").stat().st_size / (tmp_path / "float32.pt").stat().st_size
+    assert 0.45 < ratio < 0.6
+    loaded, checkpoint = load_checkpoint(tmp_path / "float16.pt")
+    assert loaded.config == model.config
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert loaded.lm_head.weight is loaded.token_embedding.weight  # still tied after the cast back
+    x = torch.randint(0, SMALL.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        original, rounded = model(x).logits, loaded(x).logits
+    assert not torch.equal(original, rounded)  # the weights really were rounded
+    assert (original - rounded).abs().max() < 0.01 * original.abs().max()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_checkpoint_records_its_command_step_configs_and_history(tmp_path, dtype):
+    model, history = small_model(), {"step": [1, 2], "train_loss": [9.1, 8.7], "val_step": [], "val_bpb": []}
+    command = "python -m minigpt.train --preset nano --save-dtype " + dtype
+    save_checkpoint(tmp_path / "c.pt", model, None, 2, TINY, history, dtype=dtype, command=command)
+    loaded, checkpoint = load_checkpoint(tmp_path / "c.pt")
+    assert checkpoint["command"] == command and checkpoint["step"] == 2
+    assert json.loads(checkpoint["history"]) == history
+    assert json.loads(checkpoint["train_config"]) == asdict(TINY)
+    assert checkpoint["model_config"] == asdict(SMALL)
+    save_checkpoint(tmp_path / "plain.pt", model, None, 2, TINY, history)
+    assert load_checkpoint(tmp_path / "plain.pt")[1]["command"] == ""
+
+
+def test_save_checkpoint_refuses_an_unknown_dtype(tmp_path):
+    with pytest.raises(ValueError, match=r"dtype must be one of \['bfloat16', 'float16', 'float32'\], not 'float64'"):
+        save_checkpoint(tmp_path / "x.pt", small_model(), None, 0, TINY, {}, dtype="float64")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_train_calls_on_step_after_every_step_and_saves_for_inference_only(tmp_path, monkeypatch):
+    short_validation(monkeypatch)
+    seen = []
+
+    def on_step(history):
+        seen.append((history, list(history["step"]), len(history["train_loss"]), list(history["val_step"])))
+
+    out = tmp_path / "inference.pt"
+    model, history = train(TINY, out=out, progress=False, on_step=on_step, save_dtype="float16",
+                           save_optimizer=False, command="made by a test")
+    assert [steps for _, steps, _, _ in seen] == [[1], [1, 2], [1, 2, 3], [1, 2, 3, 4]]
+    assert [n for _, _, n, _ in seen] == [1, 2, 3, 4]
+    assert [val for _, _, _, val in seen] == [[], [], [], [4]]  # the final evaluation comes before the callback
+    assert all(h is history for h, _, _, _ in seen)
+
+    loaded, checkpoint = load_checkpoint(out)
+    assert "optimizer" not in checkpoint and checkpoint["command"] == "made by a test"
+    assert all(t.dtype == torch.float16 for t in checkpoint["model"].values())
+    x = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, model.eval()(x).logits, atol=0.05)
+
+    with pytest.raises(ValueError, match="has no optimizer state"):
+        train(TINY, resume=out, progress=False)
+
+
+def cli_args(out, *extra):
+    return ["--preset", "nano", "--steps", "2", "--batch-size", "2", "--warmup-steps", "10", "--eval-every", "1000",
+            "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("flags, dtype, has_optimizer", [
+    ([], torch.float32, True),
+    (["--save-dtype", "float16", "--no-optimizer"], torch.float16, False),
+    (["--save-dtype", "bfloat16"], torch.bfloat16, True),
+])
+def test_command_line_saves_the_checkpoint_as_asked_and_its_loss_curve(tmp_path, monkeypatch, capsys, flags, dtype,
+                                                                       has_optimizer):
+    short_validation(monkeypatch)
+    out = tmp_path / "run" / "nano.pt"
+    argv = cli_args(out, *flags)
+    main(argv)
+    checkpoint = torch.load(out, weights_only=True)
+    assert all(t.dtype == dtype for t in checkpoint["model"].values())
+    assert ("optimizer" in checkpoint) == has_optimizer
+    assert checkpoint["step"] == 2
+    assert checkpoint["command"] == "python -m minigpt.train " + " ".join(argv)
+    curve = out.with_suffix(".png")
+    data = curve.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(data[16:20], "big") == 1000  # the 10-inch training plot at 100 dpi
+    assert f"loss curve {curve}" in capsys.readouterr().out
+
+
+def test_command_line_refuses_an_unknown_save_dtype(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(tmp_path / "x.pt", "--save-dtype", "float64"))
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+# --- the synthetic probe mix ---------------------------------------------------------------------
+
+PROBE_STARTS = ("There is a pass key", "Remember the value", "Keep track of", "Here is a list", "User: Give me",
+                "Say these words")
+
+
+def test_probe_size_limits_fit_each_kind_and_leave_out_what_cannot_fit():
+    tok = load_tokenizer("minigpt-8k")
+    limits = probe_size_limits("minigpt-8k", 257)
+    assert set(limits) == set(data.PROBE_KINDS)
+    for kind, (smallest, largest) in limits.items():
+        assert smallest < largest
+        assert len(tok.encode_ordinary(data.probe_text(kind, random.Random(0), largest))) <= 257
+        assert len(tok.encode_ordinary(data.probe_text(kind, random.Random(0), 2 * largest + 2))) > 257
+    assert "variable-chain" not in probe_size_limits("minigpt-8k", 100)  # its smallest needs ~150 tokens
+
+
+def test_probe_window_is_seeded_packed_probes_of_the_exact_length():
+    tok = load_tokenizer("minigpt-8k")
+    window = probe_window(random.Random(3), "minigpt-8k", 257)
+    assert window.shape == (257,) and window.dtype == torch.long
+    assert torch.equal(window, probe_window(random.Random(3), "minigpt-8k", 257))
+    assert not torch.equal(window, probe_window(random.Random(4), "minigpt-8k", 257))
+    text = tok.decode(window.tolist())
+    pieces = text.split("\n\n")
+    assert len(pieces) >= 2  # at least one whole probe, then the start of the next
+    assert all(piece.startswith(PROBE_STARTS) for piece in pieces if piece)
+    whole = pieces[0]
+    assert any(whole.startswith(start) for start in PROBE_STARTS)
+
+
+def test_training_batch_replaces_the_last_rows_with_probes():
+    tokens = corpus_tokens("train")
+    config = replace(TINY, batch_size=8, probe_mix=0.25)
+    x, y = training_batch(tokens, config, 64, torch.Generator().manual_seed(0), random.Random(0), "minigpt-8k")
+    plain_x, plain_y = sample_batch(tokens, 8, 64, torch.Generator().manual_seed(0))
+    assert torch.equal(x[:6], plain_x[:6]) and torch.equal(y[:6], plain_y[:6])  # 6 Shakespeare rows
+    assert torch.equal(x[6:, 1:], y[6:, :-1])  # targets are the inputs shifted by one
+    tok = load_tokenizer("minigpt-8k")
+    assert all(tok.decode(row.tolist()).startswith(PROBE_STARTS) for row in x[6:])
+    unmixed, _ = training_batch(tokens, replace(config, probe_mix=0.0), 64, torch.Generator().manual_seed(0),
+                                random.Random(0), "minigpt-8k")
+    assert torch.equal(unmixed, plain_x)
+
+
+@pytest.mark.parametrize("mix", [-0.1, 1.5])
+def test_probe_mix_outside_zero_to_one_is_refused(mix):
+    with pytest.raises(ValueError, match="probe_mix is the share of probe rows per batch, from 0 to 1"):
+        train(replace(TINY, probe_mix=mix), progress=False)
+
+
+def test_resume_with_a_probe_mix_continues_exactly(tmp_path):
+    mixed = replace(TINY, probe_mix=0.5)
+    straight, _ = train(mixed, progress=False)
+    train(replace(mixed, steps=2), out=tmp_path / "half.pt", progress=False)
+    resumed, _ = train(mixed, resume=tmp_path / "half.pt", progress=False)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name

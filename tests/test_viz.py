@@ -1,12 +1,43 @@
-"""Tests for minigpt.viz: token grouping, the token HTML and the live token explorer."""
+"""Tests for minigpt.viz: token grouping, the token HTML and the live token explorer; training curves;
+attention maps, their plots and the attention explorer; the traced KV-cache decoding and its explorer."""
 
 import html
 import re
+import struct
 from html.parser import HTMLParser
 
-import pytest
+import matplotlib
 
-from minigpt.viz import group_tokens, token_explorer, tokens_html
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from minigpt.model import GPT, GPTConfig  # noqa: E402
+from minigpt.positions import apply_rotary  # noqa: E402
+from minigpt.train import load_tokenizer  # noqa: E402
+from minigpt.viz import (  # noqa: E402
+    GROUP_COLORS,
+    GenerationTrace,
+    attention_explorer,
+    attention_maps,
+    attention_text_html,
+    group_tokens,
+    kv_cache_explorer,
+    kv_group,
+    plot_attention,
+    plot_generation_step,
+    plot_heads,
+    plot_training,
+    token_explorer,
+    token_labels,
+    tokens_html,
+    trace_generation,
+)
 
 EOT = "<|endoftext|>"
 
@@ -209,3 +240,436 @@ def test_explorer_accepts_a_list_and_labels_by_name(byte_tok, pair_tok):
     assert ["<b>bytes</b>" in p.value for p in panels] == [True, False, True]
     assert "<b>pairs</b>" in panels[1].value
     assert all(p.layout.flex == "1 1 0" for p in panels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves, attention maps, the attention explorer and the KV-cache explorer
+
+N_LAYER, N_HEAD, N_KV_HEAD = 2, 4, 2
+
+
+def tiny_gpt(vocab_size: int = 64, seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=vocab_size, context=32, n_layer=N_LAYER, n_head=N_HEAD, n_kv_head=N_KV_HEAD, n_embd=32)
+    return GPT(GPTConfig(**{**fields, **overrides})).eval()
+
+
+@pytest.fixture(scope="module")
+def course_tok():
+    """The real course tokenizer (8,192 ids, special tokens refused in user text by default)."""
+    return load_tokenizer("minigpt-8k")
+
+
+@pytest.fixture(scope="module")
+def course_gpt(course_tok):
+    return tiny_gpt(vocab_size=course_tok.n_vocab)
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def image_axes(figure: Figure) -> list:
+    """The visible axes that hold a heatmap (a colorbar's axes hold none)."""
+    return [ax for ax in figure.axes if ax.images and ax.get_visible()]
+
+
+def attention_titles(page: str) -> dict[int, float]:
+    """position -> attention probability, read from the hover titles of `attention_text_html`."""
+    return {int(p): float(w) for p, w in re.findall(r'title="position (\d+): attention ([\d.]+)"', page)}
+
+
+# --- plot_training ------------------------------------------------------------------------------
+
+HISTORY = {"step": list(range(1, 11)), "train_loss": [9.0 - 0.5 * i for i in range(10)],
+           "val_step": [5, 10], "val_bpb": [3.0, 2.5], "seconds": [0.1 * i for i in range(1, 11)]}
+
+
+def test_plot_training_draws_losses_moving_average_validation_and_references():
+    figure = plot_training(HISTORY, title="nano run", references={"char-level": 2.2, "other recipe": 1.9})
+    loss_ax, val_ax = figure.axes
+    raw, smoothed = loss_ax.get_lines()
+    assert list(raw.get_xdata()) == HISTORY["step"] and list(raw.get_ydata()) == HISTORY["train_loss"]
+    expected, average = [], HISTORY["train_loss"][0]
+    for loss in HISTORY["train_loss"]:
+        average = 0.95 * average + 0.05 * loss
+        expected.append(average)
+    assert np.allclose(smoothed.get_ydata(), expected)
+    assert smoothed.get_ydata()[0] == pytest.approx(HISTORY["train_loss"][0])
+    assert smoothed.get_ydata()[-1] > HISTORY["train_loss"][-1]  # the average lags a falling loss
+    validation, *references = val_ax.get_lines()
+    assert list(validation.get_xdata()) == [5, 10] and list(validation.get_ydata()) == [3.0, 2.5]
+    assert [(line.get_label(), line.get_ydata()[0]) for line in references] == [("char-level", 2.2), ("other recipe", 1.9)]
+    assert references[0].get_linestyle() != references[1].get_linestyle()
+    legend = [text.get_text() for text in val_ax.get_legend().get_texts()]
+    assert legend == ["validation", "char-level", "other recipe"]
+    assert figure.get_suptitle() == "nano run"
+
+
+def test_plot_training_accepts_a_history_without_validation_or_steps():
+    no_validation = {**HISTORY, "val_step": [], "val_bpb": []}
+    figure = plot_training(no_validation)
+    assert len(figure.axes[1].get_lines()) == 1 and len(figure.axes[1].get_lines()[0].get_xdata()) == 0
+    assert figure.get_suptitle() == ""
+    empty = plot_training({"step": [], "train_loss": [], "val_step": [], "val_bpb": []})
+    assert len(empty.axes[0].get_lines()) == 1  # no moving average of nothing
+
+
+def test_plot_training_redraws_a_passed_figure_in_place():
+    figure = plot_training({**HISTORY, "step": HISTORY["step"][:3], "train_loss": HISTORY["train_loss"][:3]})
+    again = plot_training(HISTORY, figure=figure)
+    assert again is figure
+    assert len(figure.axes) == 2  # cleared, not stacked on the old axes
+    assert list(figure.axes[0].get_lines()[0].get_xdata()) == HISTORY["step"]
+
+
+# --- token_labels -------------------------------------------------------------------------------
+
+
+def test_token_labels_show_whitespace_split_characters_and_specials(byte_tok, pair_tok):
+    assert token_labels(byte_tok, byte_tok.encode("a b\tc\n")) == ["a", "·", "b", "→", "c", "↵"]
+    assert token_labels(pair_tok, pair_tok.encode("he中")) == ["he", "\ufffd", "\ufffd"]
+    assert token_labels(byte_tok, [byte_tok.special_tokens[EOT]]) == [EOT]
+
+    class EmptyToken:
+        def decode_tokens_bytes(self, ids):
+            return [b"" for _ in ids]
+
+    assert token_labels(EmptyToken(), [0]) == ["∅"]
+
+
+def test_token_labels_spell_the_text_with_the_course_tokenizer(course_tok):
+    text = "Hello there,\nmy friend"
+    labels = token_labels(course_tok, course_tok.encode(text))
+    assert len(labels) == len(course_tok.encode(text))
+    assert "".join(labels) == text.replace(" ", "·").replace("\n", "↵")
+
+
+# --- attention_maps and kv_group ----------------------------------------------------------------
+
+
+def test_attention_maps_are_causal_probabilities_equal_to_the_model_output():
+    model = tiny_gpt()
+    ids = list(range(3, 13))
+    maps = attention_maps(model, ids)
+    assert maps.shape == (N_LAYER, N_HEAD, 10, 10)
+    assert torch.allclose(maps.sum(-1), torch.ones(N_LAYER, N_HEAD, 10), atol=1e-6)
+    assert torch.all(maps.triu(1) == 0)
+    assert torch.all(maps[..., 0, 0] == 1)  # the first token can only attend to itself
+    with torch.no_grad():
+        direct = model(torch.tensor([ids]), return_attention=True).attentions
+    for layer in range(N_LAYER):
+        assert torch.equal(maps[layer], direct[layer][0])
+
+
+def test_attention_maps_match_a_hand_computation_of_the_first_layer():
+    model = tiny_gpt()
+    ids = [5, 9, 2, 40, 7, 7, 1]
+    head_dim = model.config.head_dim
+    with torch.no_grad():
+        x = model.blocks[0].attention_norm(model.embed(torch.tensor([ids])))
+        attention = model.blocks[0].attention
+        q = attention.query(x).view(1, len(ids), N_HEAD, head_dim).transpose(1, 2)
+        k, _ = attention.key_value(x).view(1, len(ids), 2, N_KV_HEAD, head_dim).unbind(2)
+        k = k.transpose(1, 2)
+        cos, sin = model.rotary(0, len(ids), x.device)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = k.repeat_interleave(N_HEAD // N_KV_HEAD, dim=1)  # query head h reads key head h // 2
+        scores = q @ k.transpose(-1, -2) / head_dim**0.5
+        causal = torch.ones(len(ids), len(ids)).tril().bool()
+        expected = scores.masked_fill(~causal, float("-inf")).softmax(-1)[0]
+    assert torch.allclose(attention_maps(model, ids)[0], expected, atol=1e-5)
+
+
+def test_attention_maps_restore_training_mode():
+    model = tiny_gpt().train()
+    attention_maps(model, [1, 2, 3])
+    assert model.training
+    model.eval()
+    attention_maps(model, [1, 2, 3])
+    assert not model.training
+
+
+@pytest.mark.parametrize("n_head, n_kv_head, groups", [
+    (4, 2, [0, 0, 1, 1]),
+    (4, 4, [0, 1, 2, 3]),  # multi-head attention: every head its own keys and values
+    (4, 1, [0, 0, 0, 0]),  # multi-query attention: one shared key/value head
+    (8, 2, [0, 0, 0, 0, 1, 1, 1, 1]),
+])
+def test_kv_group_maps_query_heads_to_key_value_heads(n_head, n_kv_head, groups):
+    assert [kv_group(h, n_head, n_kv_head) for h in range(n_head)] == groups
+
+
+def test_kv_group_predicts_which_heads_share_keys_in_the_model():
+    """With every query head given the same query weights, two heads' attention is identical exactly
+    when they read the same key/value head: the grouping kv_group reports."""
+    model = tiny_gpt()
+    head_dim = model.config.head_dim
+    with torch.no_grad():
+        query = model.blocks[0].attention.query.weight
+        for head in range(1, N_HEAD):
+            query[head * head_dim : (head + 1) * head_dim] = query[:head_dim]
+    maps = attention_maps(model, [4, 8, 15, 16, 23, 42])[0]
+    for a in range(N_HEAD):
+        for b in range(N_HEAD):
+            same_group = kv_group(a, N_HEAD, N_KV_HEAD) == kv_group(b, N_HEAD, N_KV_HEAD)
+            assert torch.allclose(maps[a], maps[b], atol=1e-6) == same_group, (a, b)
+
+
+# --- plot_attention and plot_heads --------------------------------------------------------------
+
+
+def test_plot_attention_greys_future_keys_and_outlines_the_selected_query():
+    weights = attention_maps(tiny_gpt(), [1, 2, 3, 4, 5])[0, 0]
+    ax = Figure().subplots()
+    image = plot_attention(weights, list("abcde"), ax, selected=2, title="t", frame_color="#c2410c")
+    shown = image.get_array()
+    assert np.array_equal(shown.mask, np.triu(np.ones((5, 5), bool), 1))
+    assert np.allclose(shown.data[~shown.mask], weights.numpy()[~shown.mask])
+    assert image.get_clim() == (0.0, 1.0)
+    outline = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(outline) == 1 and outline[0].get_xy() == (-0.5, 1.5) and outline[0].get_width() == 5
+    assert [t.get_text() for t in ax.get_xticklabels()] == list("abcde")
+    assert all(spine.get_edgecolor() == to_rgba("#c2410c") for spine in ax.spines.values())
+    assert ax.get_title() == "t"
+
+
+def test_plot_attention_with_fewer_queries_than_keys_aligns_them_to_the_end():
+    weights = torch.full((2, 5), 0.2)
+    ax = Figure().subplots()
+    image = plot_attention(weights, list("abcde"), ax, show_labels=False)
+    assert np.array_equal(image.get_array().mask, [[0, 0, 0, 0, 1], [0, 0, 0, 0, 0]])
+    assert list(ax.get_xticks()) == [] and not ax.patches
+
+
+def test_plot_heads_frames_heads_by_key_value_group():
+    maps = attention_maps(tiny_gpt(), [1, 2, 3, 4, 5, 6])[1]
+    figure = plot_heads(maps, list("abcdef"), N_KV_HEAD, layer=1, selected=3)
+    axes = image_axes(figure)
+    assert len(axes) == N_HEAD
+    for head, ax in enumerate(axes):
+        group = kv_group(head, N_HEAD, N_KV_HEAD)
+        assert ax.get_title() == f"layer 1 · head {head} · kv group {group}"
+        assert ax.spines["left"].get_edgecolor() == to_rgba(GROUP_COLORS[group])
+        shown = ax.images[0].get_array()
+        assert np.allclose(shown.data[~shown.mask], maps[head].numpy()[~shown.mask])
+        assert [p.get_xy() for p in ax.patches] == [(-0.5, 2.5)]
+    colours = [ax.spines["left"].get_edgecolor() for ax in axes]
+    assert colours[0] == colours[1] != colours[2] == colours[3]
+    assert "4 query heads share 2 key/value heads" in figure.get_suptitle()
+
+
+def test_plot_heads_without_grouping_has_no_frames_or_group_title():
+    maps = attention_maps(tiny_gpt(n_kv_head=N_HEAD), [1, 2, 3])[0]
+    figure = plot_heads(maps, list("abc"), n_kv_head=N_HEAD, layer=0)
+    axes = image_axes(figure)
+    assert [ax.get_title() for ax in axes] == [f"layer 0 · head {h} · kv group {h}" for h in range(N_HEAD)]
+    assert all(ax.spines["left"].get_linewidth() != 3 for ax in axes)
+    assert figure.get_suptitle() == ""
+
+
+def test_plot_heads_single_head_is_large_with_labels_and_many_heads_wrap():
+    maps = torch.eye(5).expand(8, 5, 5)
+    single = plot_heads(maps, list("abcde"), 2, layer=0, heads=[5])
+    (ax,) = image_axes(single)
+    assert ax.get_title() == "layer 0 · head 5 · kv group 1"
+    assert [t.get_text() for t in ax.get_yticklabels()] == list("abcde")
+    assert single.get_suptitle() == ""
+    six = plot_heads(maps, list("abcde"), 2, layer=0, heads=range(6))
+    assert len(image_axes(six)) == 6
+    assert len([ax for ax in six.axes if ax.images and not ax.get_visible()]) == 0
+    assert len([ax for ax in six.axes if not ax.get_visible()]) == 2  # a 2 x 4 grid, two cells hidden
+    assert single.get_size_inches()[0] > 2 * six.get_size_inches()[0] / 4  # one head is drawn large
+    many_labels = plot_heads(torch.eye(30).expand(2, 30, 30), [str(i) for i in range(30)], 1, layer=0)
+    assert all(len(ax.get_xticks()) == 0 for ax in image_axes(many_labels))  # too many tokens to label
+
+
+# --- attention_text_html ------------------------------------------------------------------------
+
+
+def test_attention_text_html_shades_by_weight_relative_to_the_peak():
+    page = attention_text_html(["a", "<b>", "c", "d"], torch.tensor([0.2, 0.6, 0.2, 0.0]), selected=2)
+    assert attention_titles(page) == {0: 0.2, 1: 0.6, 2: 0.2}
+    alphas = [float(a) for a in re.findall(r"rgba\(30,90,200,([\d.]+)\)", page)]
+    assert alphas == pytest.approx([0.85 / 3, 0.85, 0.85 / 3], abs=1e-3)
+    assert page.count("outline:2px solid") == 1
+    assert re.search(r'title="position 2[^"]*" style="[^"]*outline:2px solid', page)
+    assert "&lt;b&gt;" in page and "<b>" not in page
+    assert re.search(r'<span style="color:#b0b0b0[^"]*">d</span>', page)  # a future token, greyed
+    assert visible_text(page) == "a<b>cd"
+
+
+def test_attention_text_html_ignores_weights_after_the_selected_token():
+    page = attention_text_html(["x", "y", "z"], torch.tensor([0.5, 0.5, 0.9]), selected=1)
+    alphas = [float(a) for a in re.findall(r"rgba\(30,90,200,([\d.]+)\)", page)]
+    assert alphas == pytest.approx([0.85, 0.85])
+    assert "↵<br>" in attention_text_html(["↵", "a"], torch.tensor([1.0, 0.0]), selected=1)
+
+
+# --- attention_explorer -------------------------------------------------------------------------
+
+
+def explorer_parts(explorer):
+    prompt_box, message, menus, slider, text_panel, picture = explorer.children
+    layer_menu, head_menu = menus.children
+    return prompt_box, message, layer_menu, head_menu, slider, text_panel, picture
+
+
+def test_attention_explorer_shows_the_last_token_in_the_last_layer(course_tok, course_gpt):
+    prompt = "To be, or not to be"
+    ids = course_tok.encode(prompt)
+    explorer = attention_explorer(course_gpt, course_tok, prompt)
+    prompt_box, message, layer_menu, head_menu, slider, text_panel, picture = explorer_parts(explorer)
+    assert prompt_box.value == prompt and message.value == ""
+    assert layer_menu.options == (("layer 0", 0), ("layer 1", 1))
+    assert [label for label, _ in head_menu.options] == [
+        "all heads", "head 0 (kv group 0)", "head 1 (kv group 0)", "head 2 (kv group 1)", "head 3 (kv group 1)"]
+    assert (layer_menu.value, head_menu.value) == (1, -1)
+    assert slider.max == slider.value == len(ids) - 1
+    assert f"What token {len(ids) - 1}" in text_panel.value and "the mean of all heads" in text_panel.value
+    mean_row = attention_maps(course_gpt, ids)[1, :, -1].mean(0)
+    assert attention_titles(text_panel.value) == pytest.approx(dict(enumerate(mean_row.tolist())), abs=6e-4)
+    width, height = png_size(picture.value)
+    assert width > 2 * height  # all four heads in a row
+
+
+def test_attention_explorer_redraws_when_the_controls_change(course_tok, course_gpt):
+    prompt = "To be, or not to be"
+    ids = course_tok.encode(prompt)
+    maps = attention_maps(course_gpt, ids)
+    _, _, layer_menu, head_menu, slider, text_panel, picture = explorer_parts(
+        attention_explorer(course_gpt, course_tok, prompt))
+
+    before = picture.value
+    slider.value = 2
+    assert slider.description == "token 2" and "What token 2" in text_panel.value
+    assert set(attention_titles(text_panel.value)) == {0, 1, 2}
+    assert picture.value != before
+
+    before = picture.value
+    layer_menu.value = 0
+    assert "in layer 0" in text_panel.value
+    assert attention_titles(text_panel.value) == pytest.approx(dict(enumerate(maps[0, :, 2, :3].mean(0).tolist())),
+                                                               abs=6e-4)
+    assert picture.value != before
+
+    head_menu.value = 3
+    assert "head 3" in text_panel.value
+    assert attention_titles(text_panel.value) == pytest.approx(dict(enumerate(maps[0, 3, 2, :3].tolist())), abs=6e-4)
+    width, height = png_size(picture.value)
+    assert height > 0.8 * width  # one head, drawn large
+
+
+def test_attention_explorer_reports_bad_prompts_in_the_widget(course_tok, course_gpt):
+    prompt_box, message, _, _, slider, text_panel, picture = explorer_parts(
+        attention_explorer(course_gpt, course_tok, "To be, or not to be"))
+    shown = (slider.max, text_panel.value, picture.value)
+
+    prompt_box.value = f"the end{EOT}"  # refused by the tokenizer, not raised
+    assert "special token" in message.value and "&lt;|endoftext|&gt;" in message.value
+    assert (slider.max, text_panel.value, picture.value) == shown  # the last good prompt stays up
+
+    prompt_box.value = ""
+    assert "the prompt is empty" in message.value
+
+    prompt_box.value = "word " * 40
+    assert re.search(r"the prompt is \d+ tokens; this model reads at most 32", message.value)
+    assert (slider.max, text_panel.value, picture.value) == shown
+
+    prompt_box.value = "Juliet"
+    n = len(course_tok.encode("Juliet"))
+    assert message.value == ""
+    assert slider.max == slider.value == n - 1
+    assert set(attention_titles(text_panel.value)) == set(range(n))
+    assert picture.value != shown[2]
+
+
+def test_attention_explorer_with_a_bad_initial_prompt_shows_only_the_message(course_tok, course_gpt):
+    _, message, _, _, _, text_panel, picture = explorer_parts(attention_explorer(course_gpt, course_tok, EOT))
+    assert "special token" in message.value
+    assert text_panel.value == "" and picture.value == b""
+
+
+# --- trace_generation, plot_generation_step, kv_cache_explorer ----------------------------------
+
+
+def test_trace_generation_equals_greedy_generation_and_full_recompute():
+    model = tiny_gpt().train()
+    ids, new = [3, 14, 15, 9, 26], 6
+    trace = trace_generation(model, ids, new)
+    assert model.training  # mode restored
+    model.eval()
+    greedy = model.generate(torch.tensor([ids]), new, temperature=0.0)[0].tolist()
+    assert trace.ids == greedy == model.generate(torch.tensor([ids]), new, use_cache=False)[0].tolist()
+    assert trace.prompt_length == len(ids)
+    assert trace.cache_lengths == list(range(len(ids), len(ids) + new + 1))
+    per_position = 2 * N_LAYER * N_KV_HEAD * model.config.head_dim * 4  # keys and values, float32
+    assert trace.cache_bytes == [n * per_position for n in trace.cache_lengths]
+    assert len(trace.rows) == new + 1
+    for step, row in enumerate(trace.rows):
+        length = len(ids) + step
+        assert row.shape == (N_LAYER, N_HEAD, length)
+        assert torch.allclose(row.sum(-1), torch.ones(N_LAYER, N_HEAD), atol=1e-5)
+        recomputed = attention_maps(model, trace.ids[:length])[:, :, -1]
+        assert torch.allclose(row, recomputed, atol=1e-5), step
+
+
+def test_trace_generation_with_no_new_tokens_is_the_prefill():
+    model = tiny_gpt()
+    trace = trace_generation(model, [1, 2, 3], 0)
+    assert isinstance(trace, GenerationTrace)
+    assert trace.ids == [1, 2, 3] and trace.cache_lengths == [3] and len(trace.rows) == 1
+    assert torch.allclose(trace.rows[0], attention_maps(model, [1, 2, 3])[:, :, -1])
+
+
+def test_plot_generation_step_shows_the_cached_positions_and_the_cache_size():
+    trace = trace_generation(tiny_gpt(), [1, 2, 3, 4], 3)
+    labels = [f"t{i}" for i in trace.ids]
+    for step in (0, 2):
+        figure = plot_generation_step(trace, labels, step)
+        heat_ax, bytes_ax = figure.axes[:2]
+        shown = heat_ax.images[0].get_array()
+        length = trace.cache_lengths[step]
+        assert shown.shape[0] == N_LAYER * N_HEAD
+        assert shown.mask[:, length:].all() and not shown.mask[:, :length].any()
+        assert np.allclose(shown.data[:, :length], trace.rows[step].reshape(N_LAYER * N_HEAD, length).numpy())
+        assert f"over the {length} cached positions" in heat_ax.get_title()
+        assert [t.get_text() for t in heat_ax.get_yticklabels()][:2] == ["L0 H0", "L0 H1"]
+        marker = bytes_ax.get_lines()[1]
+        assert list(marker.get_xdata()) == [length]
+        assert list(marker.get_ydata()) == [trace.cache_bytes[step] / 1024]
+    assert "prefill" in plot_generation_step(trace, labels, 0).axes[0].get_title()
+    assert "new token 2: 't{}'".format(trace.ids[5]) in figure.axes[0].get_title()
+
+
+def test_plot_generation_step_draws_the_last_step():
+    trace = trace_generation(tiny_gpt(), [1, 2, 3, 4], 3)
+    labels = [f"t{i}" for i in trace.ids]
+    figure = plot_generation_step(trace, labels, 3)
+    assert not figure.axes[0].images[0].get_array().mask.any()  # every position is cached by then
+
+
+def test_kv_cache_explorer_steps_through_decoding(course_tok, course_gpt):
+    prompt, new = "To be, or not", 4
+    n_prompt = len(course_tok.encode(prompt))
+    explorer = kv_cache_explorer(course_gpt, course_tok, prompt, max_new_tokens=new)
+    slider, text_panel, picture = explorer.children
+    assert (slider.min, slider.max, slider.value) == (0, new, 0)
+    trace = trace_generation(course_gpt, course_tok.encode(prompt), new)
+    labels = token_labels(course_tok, trace.ids)
+    per_position = trace.cache_bytes[0] // n_prompt
+
+    def cached_text(page):
+        return visible_text(re.search(r'<span style="background:#dcfce7">(.*?)</span>', page)[1])
+
+    assert f"{n_prompt} positions cached, {n_prompt * per_position:,} bytes" in text_panel.value
+    assert cached_text(text_panel.value) == "".join(labels[:n_prompt])
+    first = picture.value
+    png_size(first)
+
+    slider.value = 2
+    assert f"{n_prompt + 2} positions cached, {(n_prompt + 2) * per_position:,} bytes" in text_panel.value
+    assert cached_text(text_panel.value) == "".join(labels[: n_prompt + 2])
+    assert picture.value != first

@@ -1,0 +1,110 @@
+"""Tests for minigpt/long_context.py: stretching a model's context, the passkey grid, loss by
+position, and the evaluate command, on a tiny random model (the real runs live in data/)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from minigpt import evals
+from minigpt.long_context import (
+    fitted_probes,
+    loss_by_multiple,
+    main,
+    passkey_grid,
+    stretch,
+    training_context,
+)
+from minigpt.model import GPT, GPTConfig
+from minigpt.train import TrainConfig, load_tokenizer, save_checkpoint
+
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("minigpt-8k")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(context=CONTEXT, n_layer=1, n_head=2, n_kv_head=1, n_embd=16)).eval()
+
+
+@pytest.mark.parametrize("scheme", ["rope", "linear", "ntk", "dynamic-ntk", "yarn"])
+def test_stretch_keeps_the_weights_and_multiplies_the_context(tiny, scheme):
+    long = stretch(tiny, scheme, 4)
+    assert long.config.context == 4 * CONTEXT and long.config.rope_original_context == CONTEXT
+    assert long.config.rope_scaling == scheme and long.config.rope_factor == 4.0
+    for (name, a), b in zip(tiny.state_dict().items(), long.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert training_context(long) == CONTEXT
+    assert stretch(long, scheme, 2).config.context == 2 * CONTEXT  # measured from the training length again
+    ids = torch.randint(0, 8192, (1, 4 * CONTEXT))
+    assert long(ids).logits.shape == (1, 4 * CONTEXT, 8192)
+
+
+def test_plain_rope_stretched_equals_the_original_inside_the_training_length(tiny):
+    ids = torch.randint(0, 8192, (2, CONTEXT))
+    with torch.no_grad():
+        torch.testing.assert_close(stretch(tiny, "rope", 8)(ids).logits, tiny(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_stretch_refuses_an_unknown_scheme(tiny):
+    with pytest.raises(ValueError, match="unknown scheme 'alibi'"):
+        stretch(tiny, "alibi", 2)
+
+
+def test_fitted_probes_fill_the_length_without_passing_it(tok):
+    probes = fitted_probes("passkey", tok, 256, 5, seed=3, depth=0.5)
+    assert len(probes) == 5 and len({p.answer for p in probes}) > 1
+    lengths = [sum(map(len, evals.probe_ids(tok, p))) for p in probes]
+    assert all(256 - 30 < n <= 256 for n in lengths)  # a filler copy is 24 tokens
+    assert all(p.depth == 0.5 for p in probes)
+    with pytest.raises(ValueError):
+        fitted_probes("variable-chain", tok, 64, 1, seed=0)  # its smallest probe needs ~150 tokens
+
+
+def test_passkey_grid_is_the_accuracy_of_each_cell(tiny, tok):
+    lengths, depths = [CONTEXT, 2 * CONTEXT], [0.0, 1.0]
+    long = stretch(tiny, "yarn", 2)
+    grid = passkey_grid(long, tok, lengths, depths, n=2, seed=1)
+    assert len(grid) == 2 and all(len(row) == 2 for row in grid)
+    for row, length in zip(grid, lengths):
+        for value, depth in zip(row, depths):
+            expected = evals.answer_accuracy(long, tok, fitted_probes("passkey", tok, length, 2, 1, depth=depth))
+            assert value == expected
+
+
+def test_loss_by_multiple_averages_the_positions_of_each_stretch(tiny):
+    long = stretch(tiny, "ntk", 4)
+    tokens = torch.randint(0, 8192, (4 * 4 * CONTEXT,), generator=torch.Generator().manual_seed(0))
+    means = loss_by_multiple(long, tokens, 4 * CONTEXT, [1, 2, 4], n_windows=3)
+    windows = tokens[: 3 * 4 * CONTEXT].view(3, 4 * CONTEXT)
+    per_position = evals.loss_by_position(long, windows)  # (4 * CONTEXT - 1,)
+    expected = [per_position[:CONTEXT].mean(), per_position[CONTEXT : 2 * CONTEXT].mean(),
+                per_position[2 * CONTEXT :].mean()]
+    assert means == pytest.approx([e.item() for e in expected], rel=1e-5)
+    assert all(math.log(8192) - 2 < m < math.log(8192) + 2 for m in means)  # a random model: near uniform
+
+
+def test_evaluate_command_writes_every_scheme_and_the_command(tmp_path, tiny, capsys):
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(checkpoint, tiny, None, 0, TrainConfig(), {"step": []})
+    out = tmp_path / "results.json"
+    main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(out), "--probes", "1",
+          "--schemes", "rope", "yarn", "--multiples", "1", "2"])
+    results = json.loads(out.read_text())
+    assert results["command"].startswith("python -m minigpt.long_context evaluate --checkpoint")
+    assert results["lengths"] == [CONTEXT, 2 * CONTEXT] and results["training_context"] == CONTEXT
+    assert set(results["schemes"]) == {"rope", "yarn"}
+    for r in results["schemes"].values():
+        assert len(r["passkey_by_depth"]) == 2 and len(r["passkey_by_depth"][0]) == len(results["depths"])
+        assert r["passkey"] == pytest.approx([sum(row) / len(row) for row in r["passkey_by_depth"]])
+        assert set(r["probes"]) == {"kv", "variable-chain", "frequent-word", "mrcr"}
+        assert r["probes"]["variable-chain"] == [None, None]  # does not fit in 64 or 128 tokens
+        assert len(r["loss_by_multiple"]) == 2 and r["effective_length"] in results["lengths"]
+    assert "yarn" in capsys.readouterr().out
+
