@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     time_budget: float | None = None  # seconds of training after which to stop early
     probe_mix: float = 0.0  # share of each batch's rows that are synthetic retrieval probes, not Shakespeare
+    probe_kinds: tuple[str, ...] = data.PROBE_KINDS  # which probes the mix draws from
     model_overrides: dict = field(default_factory=dict)  # GPTConfig fields to change from the preset
 
 
@@ -107,7 +108,8 @@ def probe_size_limits(tokenizer_name: str, length: int) -> dict[str, tuple[int, 
     return limits
 
 
-def probe_window(rng: random.Random, tokenizer_name: str, length: int) -> torch.Tensor:
+def probe_window(rng: random.Random, tokenizer_name: str, length: int,
+                 kinds: tuple[str, ...] = data.PROBE_KINDS) -> torch.Tensor:
     """`length` token ids of synthetic retrieval probes (`minigpt.data.PROBE_KINDS`) packed back to back.
 
     Each probe's kind and size are drawn from `rng`, sizes from the smallest up to one that fills
@@ -115,9 +117,12 @@ def probe_window(rng: random.Random, tokenizer_name: str, length: int) -> torch.
     window back. Probes are separated by a blank line; the last one is cut off at `length`.
     """
     tokenizer, limits = load_tokenizer(tokenizer_name), probe_size_limits(tokenizer_name, length)
+    usable = sorted(kind for kind in kinds if kind in limits)
+    if not usable:
+        raise ValueError(f"none of the probe kinds {kinds} fits in {length} tokens (those that fit: {sorted(limits)})")
     ids: list[int] = []
     while len(ids) < length:
-        kind = rng.choice(sorted(limits))
+        kind = rng.choice(usable)
         size = rng.randint(*limits[kind])
         ids += tokenizer.encode_ordinary(data.probe_text(kind, rng, size) + "\n\n")
     return torch.tensor(ids[:length], dtype=torch.long)
@@ -132,7 +137,7 @@ def training_batch(
     x, y = sample_batch(tokens, config.batch_size, context, generator)
     n_probes = round(config.probe_mix * config.batch_size)
     for row in range(config.batch_size - n_probes, config.batch_size):
-        window = probe_window(rng, tokenizer_name, context + 1)
+        window = probe_window(rng, tokenizer_name, context + 1, config.probe_kinds)
         x[row], y[row] = window[:-1], window[1:]
     return x, y
 
@@ -275,6 +280,9 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     if not 0 <= config.probe_mix <= 1:
         raise ValueError(f"probe_mix is the share of probe rows per batch, from 0 to 1; got {config.probe_mix}")
+    unknown = set(config.probe_kinds) - set(data.PROBE_KINDS)
+    if unknown or not config.probe_kinds:
+        raise ValueError(f"probe_kinds must name some of {data.PROBE_KINDS}; got {config.probe_kinds}")
     probe_rng = random.Random(config.seed)
     for _ in range(start_step):  # replay the batch stream, so a resumed run sees the same batches
         training_batch(train_tokens, config, model_config.context, generator, probe_rng, model_config.tokenizer)
@@ -323,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
+    parser.add_argument("--context", type=int, default=None, help="train at this context length instead of the preset's")
+    parser.add_argument("--probe-kinds", nargs="+", choices=data.PROBE_KINDS, default=list(defaults.probe_kinds),
+                        help="the probe kinds the mix draws from (default: all)")
     parser.add_argument("--probe-mix", type=float, default=defaults.probe_mix,
                         help="share of each batch that is synthetic retrieval probes (passkey, key-value, ...)")
     parser.add_argument("--out", type=Path, default=None, help="checkpoint path (default: data/checkpoints/PRESET.pt)")
@@ -334,7 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     out = args.pop("out") or CHECKPOINT_DIR / f"{args['preset']}.pt"
     resume, save_dtype, no_optimizer = args.pop("resume"), args.pop("save_dtype"), args.pop("no_optimizer")
-    config = replace(defaults, **args)
+    context = args.pop("context")
+    args["probe_kinds"] = tuple(args["probe_kinds"])
+    config = replace(defaults, **args, model_overrides={} if context is None else {"context": context})
     command = "python -m minigpt.train " + " ".join(sys.argv[1:] if argv is None else argv)
     _, history = train(config, out, resume, save_dtype=save_dtype, save_optimizer=not no_optimizer, command=command)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -344,3 +344,32 @@ def test_resume_with_a_probe_mix_continues_exactly(tmp_path):
     resumed, _ = train(mixed, resume=tmp_path / "half.pt", progress=False)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_probe_window_draws_only_the_asked_kinds():
+    tok = load_tokenizer("minigpt-8k")
+    text = tok.decode(probe_window(random.Random(0), "minigpt-8k", 600, ("passkey",)).tolist())
+    assert all(piece.startswith("There is a pass key") for piece in text.split("\n\n") if piece)
+    with pytest.raises(ValueError, match="none of the probe kinds"):
+        probe_window(random.Random(0), "minigpt-8k", 100, ("variable-chain",))
+
+
+def test_unknown_probe_kinds_are_refused():
+    with pytest.raises(ValueError, match="probe_kinds must name some of"):
+        train(replace(TINY, probe_mix=0.5, probe_kinds=("passkey", "haystack")), progress=False)
+
+
+def test_command_line_context_and_probe_kinds_reach_the_run(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_train(config, out, resume, **kwargs):
+        seen["config"] = config
+        return None, {"step": [1], "train_loss": [9.0], "val_step": [1], "val_bpb": [3.0], "seconds": [0.1]}
+
+    monkeypatch.setattr(minigpt.train, "train", fake_train)
+    main(["--preset", "nano", "--context", "128", "--probe-mix", "1", "--probe-kinds", "passkey", "kv",
+          "--out", str(tmp_path / "lc.pt")])
+    config = seen["config"]
+    assert config.model_overrides == {"context": 128} and config.probe_kinds == ("passkey", "kv")
+    assert config.probe_mix == 1.0
+    assert (tmp_path / "lc.png").exists()
