@@ -203,9 +203,14 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         return_attention: bool = False,
         attention_impl: AttentionImpl = "sdpa",
+        last_only: bool = False,
     ) -> ModelOutput:
-        """Logits for token ids `idx` `(B, T)`; with a `kv_cache`, `idx` continues the cached sequence."""
-        return self.forward_embeddings(self.embed(idx), targets, kv_cache, return_attention, attention_impl)
+        """Logits for token ids `idx` `(B, T)`; with a `kv_cache`, `idx` continues the cached sequence.
+
+        `last_only` computes the logits of the last position only, `(B, 1, vocab)`: all a prefill
+        needs, and at long contexts far smaller than `(B, T, vocab)`.
+        """
+        return self.forward_embeddings(self.embed(idx), targets, kv_cache, return_attention, attention_impl, last_only)
 
     def forward_embeddings(
         self,
@@ -214,8 +219,11 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         return_attention: bool = False,
         attention_impl: AttentionImpl = "sdpa",
+        last_only: bool = False,
     ) -> ModelOutput:
         """The transformer on input vectors `x` `(B, T, n_embd)` (token or image embeddings)."""
+        if last_only and targets is not None:
+            raise ValueError("targets need the logits of every position; last_only gives only the last")
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention impl {attention_impl!r}; choose 'sdpa', 'explicit' or 'chunked'")
         past = len(kv_cache) if kv_cache is not None else 0
@@ -231,6 +239,8 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.blocks):
             x, weights = block(x, cos, sin, kv_cache, layer, attention_impl, return_attention)
             attentions.append(weights)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, n_embd)
         logits = self.lm_head(self.final_norm(x))
         loss = None
         if targets is not None:
@@ -265,7 +275,7 @@ class GPT(nn.Module):
         cache = self.new_kv_cache(idx.shape[0]) if use_cache else None
         sequence, step_input = idx, idx
         for _ in range(max_new_tokens):
-            logits = self(step_input, kv_cache=cache).logits[:, -1].float()  # (B, vocab)
+            logits = self(step_input, kv_cache=cache, last_only=True).logits[:, -1].float()  # (B, vocab)
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:

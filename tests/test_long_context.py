@@ -108,3 +108,13 @@ def test_evaluate_command_writes_every_scheme_and_the_command(tmp_path, tiny, ca
         assert len(r["loss_by_multiple"]) == 2 and r["effective_length"] in results["lengths"]
     assert "yarn" in capsys.readouterr().out
 
+
+
+def test_evaluate_with_no_probes_measures_the_loss_only(tmp_path, tiny):
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(checkpoint, tiny, None, 0, TrainConfig(), {"step": []})
+    out = tmp_path / "loss.json"
+    main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(out), "--probes", "0", "--schemes", "ntk",
+          "--multiples", "1", "2"])
+    row = json.loads(out.read_text())["schemes"]["ntk"]
+    assert set(row) == {"loss_by_multiple", "seconds"} and len(row["loss_by_multiple"]) == 2

@@ -668,3 +668,23 @@ def test_the_context_error_points_to_scaling(model):
 def test_a_config_saved_before_scaling_existed_still_loads():
     old = {k: v for k, v in vars(small_config()).items() if not k.startswith("rope_") or k == "rope_base"}
     assert GPTConfig(**old).rope == RopeScaling()
+
+
+def test_last_only_gives_the_last_position_of_the_full_logits():
+    model = small_model()
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        full = model(ids).logits
+        last = model(ids, last_only=True).logits
+        cache = model.new_kv_cache(2)
+        prefill = model(ids, kv_cache=cache, last_only=True).logits
+    assert last.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(prefill, full[:, -1:], rtol=0, atol=1e-5)
+    assert len(cache) == 10  # every position still enters the cache
+
+
+def test_last_only_refuses_targets():
+    model = small_model()
+    with pytest.raises(ValueError, match="last_only gives only the last"):
+        model(random_ids(1, 5), random_ids(1, 5), last_only=True)
