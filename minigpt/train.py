@@ -250,6 +250,11 @@ def train(
     `on_step(history)` is called after every step on rank 0 (the notebook draws its live loss plot
     with it). `save_dtype`, `save_optimizer` and `command` go to `save_checkpoint` when `out` is given.
     """
+    if not 0 <= config.probe_mix <= 1:
+        raise ValueError(f"probe_mix is the share of probe rows per batch, from 0 to 1; got {config.probe_mix}")
+    unknown = set(config.probe_kinds) - set(data.PROBE_KINDS)
+    if unknown or not config.probe_kinds:
+        raise ValueError(f"probe_kinds must name some of {data.PROBE_KINDS}; got {config.probe_kinds}")
     rank, world = _distributed()
     if config.batch_size % world:
         raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world})")
@@ -278,11 +283,6 @@ def train(
     train_tokens, val_tokens = corpus_tokens("train", model_config.tokenizer), corpus_tokens("val", model_config.tokenizer)
     byte_lengths = token_byte_lengths(load_tokenizer(model_config.tokenizer))
     generator = torch.Generator().manual_seed(config.seed)
-    if not 0 <= config.probe_mix <= 1:
-        raise ValueError(f"probe_mix is the share of probe rows per batch, from 0 to 1; got {config.probe_mix}")
-    unknown = set(config.probe_kinds) - set(data.PROBE_KINDS)
-    if unknown or not config.probe_kinds:
-        raise ValueError(f"probe_kinds must name some of {data.PROBE_KINDS}; got {config.probe_kinds}")
     probe_rng = random.Random(config.seed)
     for _ in range(start_step):  # replay the batch stream, so a resumed run sees the same batches
         training_batch(train_tokens, config, model_config.context, generator, probe_rng, model_config.tokenizer)

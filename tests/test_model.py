@@ -615,16 +615,22 @@ def test_linear_interpolation_is_plain_rope_on_stretched_positions():
     torch.testing.assert_close(sin_pi[::2], sin_plain, rtol=0, atol=1e-6)
 
 
+@torch.no_grad()
+def cached_decoding_logits(model: GPT, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits `(B, T, vocab)` from prefilling `ids[:, :prefill]` into a KV cache, then one token at a time."""
+    cache = model.new_kv_cache(ids.shape[0])
+    pieces = [model(ids[:, :prefill], kv_cache=cache).logits]
+    pieces += [model(ids[:, t : t + 1], kv_cache=cache).logits for t in range(prefill, ids.shape[1])]
+    return torch.cat(pieces, dim=1)
+
+
 @pytest.mark.parametrize("scheme", ["linear", "ntk", "yarn"])
 def test_kv_cache_decoding_matches_the_full_forward_under_a_static_scheme(scheme):
     model = small_model(rope_scaling=scheme, rope_factor=4.0, rope_original_context=8)
     ids = random_ids(2, CONTEXT)
     with torch.no_grad():
         full = model(ids).logits
-        cache = model.new_kv_cache(2)
-        pieces = [model(ids[:, :4], kv_cache=cache).logits]
-        pieces += [model(ids[:, t : t + 1], kv_cache=cache).logits for t in range(4, CONTEXT)]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached_decoding_logits(model, ids, prefill=4), full, rtol=0, atol=1e-5)
 
 
 def test_dynamic_ntk_with_a_kv_cache_drifts_from_the_full_forward_past_the_training_length():
@@ -634,11 +640,8 @@ def test_dynamic_ntk_with_a_kv_cache_drifts_from_the_full_forward_past_the_train
     ids = random_ids(1, CONTEXT)
     with torch.no_grad():
         full = model(ids).logits
-        cache = model.new_kv_cache(1)
-        pieces = [model(ids[:, :1], kv_cache=cache).logits]
-        pieces += [model(ids[:, t : t + 1], kv_cache=cache).logits for t in range(1, CONTEXT)]
         prefix = model(ids[:, :original]).logits
-    cached = torch.cat(pieces, dim=1)
+    cached = cached_decoding_logits(model, ids, prefill=1)
     # Up to the training length the base is plain: the cache agrees with a recompute of that prefix.
     torch.testing.assert_close(cached[:, :original], prefix, rtol=0, atol=1e-5)
     # A recompute of the whole sequence uses the stretched base at every position, which the keys
