@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
+import torch
+
 # The repository's data folder: trained artifacts the notebooks load (tokenizer ranks, checkpoints).
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
@@ -636,6 +638,38 @@ def make_probe(kind: str, rng: random.Random, size: int, **options) -> Probe:
 def probe_text(kind: str, rng: random.Random, size: int, **options) -> str:
     """The full text (prompt and answer) of `make_probe(kind, rng, size, **options)`, for training mixes."""
     return make_probe(kind, rng, size, **options).text
+
+
+# --- the induction curriculum --------------------------------------------------------------------
+
+
+def repeated_segments(
+    n_rows: int, length: int, token_ids: torch.Tensor, generator: torch.Generator, shortest: int = 4, longest: int = 40,
+) -> torch.Tensor:
+    """`(n_rows, length)` token ids: segments of random ids from `token_ids`, each followed at once by
+    a copy of itself, packed back to back (the last pair is cut off at `length`).
+
+    The second copy of a segment is predictable only by in-context copying: find where the current
+    token occurred before and read the token after it, which is what an induction head does. Segment
+    lengths vary from `shortest` to `longest`, so the distance back to the earlier occurrence varies
+    and no fixed-offset shortcut predicts it.
+    """
+    _check_count("n_rows", n_rows, 1)
+    _check_count("length", length, 2)
+    _check_count("shortest", shortest, 1)
+    _check_count("longest", longest, shortest)
+    if token_ids.ndim != 1 or token_ids.dtype != torch.long or len(token_ids) < 2:
+        raise ValueError(f"token_ids must be a 1-D long tensor of at least 2 ids, got {token_ids.dtype} "
+                         f"of shape {tuple(token_ids.shape)}")
+    rows = []
+    for _ in range(n_rows):
+        row: list[int] = []
+        while len(row) < length:
+            size = int(torch.randint(shortest, longest + 1, (1,), generator=generator))
+            segment = token_ids[torch.randint(len(token_ids), (size,), generator=generator)].tolist()
+            row += segment + segment
+        rows.append(row[:length])
+    return torch.tensor(rows, dtype=torch.long)
 
 
 # --- command line -------------------------------------------------------------------------------

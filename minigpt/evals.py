@@ -351,7 +351,8 @@ def loss_by_position(model: GPT, tokens: torch.Tensor, batch_size: int = 8) -> t
     return total / tokens.shape[0]
 
 
-def effective_length(lengths: list[int], scores: list[float], margin: float, higher_is_better: bool = True) -> int:
+def effective_length(lengths: list[int], scores: list[float], margin: float, higher_is_better: bool = True,
+                     reference: float | None = None) -> int:
     """The longest context length whose score stays within `margin` of the score at the first
     (training) length, every shorter length staying within it too.
 
@@ -362,6 +363,10 @@ def effective_length(lengths: list[int], scores: list[float], margin: float, hig
     `higher_is_better=False` (losses, perplexities) a rise counts instead. This is the "effective
     length" of RULER (Hsieh et al., 2024) measured against the model's own training-length score
     rather than a fixed threshold. A 1e-9 slack absorbs rounding (1.0 - 0.95 > 0.05 in floats).
+
+    `reference` replaces the first score as the score to stay near: the unstretched model's score
+    at its training length, when `scores` come from a stretched copy. If even the first length
+    falls short of it, no length qualifies and the result is 0.
     """
     lengths, scores = list(lengths), [float(score) for score in scores]
     if not lengths or len(lengths) != len(scores):
@@ -372,7 +377,9 @@ def effective_length(lengths: list[int], scores: list[float], margin: float, hig
         raise ValueError(f"scores must be finite numbers, got {scores}")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
         raise ValueError(f"margin must be a non-negative number, got {margin!r}")
-    first, longest = scores[0], lengths[0]
+    if reference is not None and not math.isfinite(reference):
+        raise ValueError(f"reference must be a finite number, got {reference!r}")
+    first, longest = (scores[0] if reference is None else float(reference)), 0
     for length, score in zip(lengths, scores):
         fall = first - score if higher_is_better else score - first
         if fall > margin + 1e-9:

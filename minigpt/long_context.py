@@ -11,6 +11,9 @@ scheme (`minigpt.positions`), with no change to its weights and no fine-tuning, 
   toy multi-round coreference test) by length;
 - **loss by position** on held-out Shakespeare, out to the longest length.
 
+Each scheme's **effective length** is the longest length whose passkey accuracy stays within 5
+points of the loaded model's own accuracy at its training length (0 if even 1x falls short).
+
 Static schemes (PI, NTK, YaRN) use one scale factor, the longest multiple, at every length, as a
 deployed model would; dynamic NTK sets its own from each input's length. Results go to a JSON file
 in `data/long_context/` that notebook 04 loads, with the command that made them.
@@ -62,10 +65,13 @@ def stretch(model: GPT, scheme: str, factor: float) -> GPT:
 
 
 def fitted_probes(kind: str, tokenizer, length: int, n: int, seed: int, **options) -> list[data.Probe]:
-    """`n` probes of `kind`, each as large as fits in `length` tokens, drawn from seeds `seed ...`."""
-    size, _ = evals.fit_probe(lambda s: data.make_probe(kind, random.Random(seed), s, **options), tokenizer,
-                              length, smallest=data.PROBE_SMALLEST[kind])
-    return [data.make_probe(kind, random.Random(seed + i), size, **options) for i in range(n)]
+    """`n` probes of `kind`, each as large as fits in `length` tokens, drawn from seeds `seed ...`.
+
+    Each probe is fitted on its own: the same size can take a different number of tokens with
+    different words or digits, so one size fitted on the first seed may not fit the next.
+    """
+    return [evals.fit_probe(lambda s, i=i: data.make_probe(kind, random.Random(seed + i), s, **options), tokenizer,
+                            length, smallest=data.PROBE_SMALLEST[kind])[1] for i in range(n)]
 
 
 def passkey_grid(model: GPT, tokenizer, lengths: list[int], depths=DEPTHS, n: int = 10, seed: int = 0) -> list[list[float]]:
@@ -82,7 +88,11 @@ def passkey_grid(model: GPT, tokenizer, lengths: list[int], depths=DEPTHS, n: in
 
 def loss_by_multiple(model: GPT, tokens: torch.Tensor, length: int, multiples: list[int], n_windows: int) -> list[float]:
     """Mean next-token loss (nats) in each stretch of positions `((m/2) L, m L]` of `n_windows`
-    held-out windows of `length` tokens: how the loss changes past the training length."""
+    held-out windows of `length` tokens (fewer if the text runs out): how the loss changes past
+    the training length."""
+    n_windows = min(n_windows, len(tokens) // length)  # as many as the held-out text holds, up to n_windows
+    if n_windows < 1:
+        raise ValueError(f"the held-out text ({len(tokens):,} tokens) is shorter than one window of {length:,}")
     windows = torch.stack([tokens[i * length : (i + 1) * length] for i in range(n_windows)])  # (n, length)
     losses = evals.loss_by_position(model, windows, batch_size=2)  # (length - 1,): position p predicts p + 1
     base = length // max(multiples)
@@ -103,6 +113,8 @@ def evaluate(model: GPT, schemes=SCHEMES, multiples=MULTIPLES, n: int = 10, seed
     val_tokens = corpus_tokens("val", model.config.tokenizer)
     results = {"training_context": original, "multiples": list(multiples), "lengths": lengths,
                "depths": list(DEPTHS), "probes_per_cell": n, "seed": seed, "schemes": {}}
+    if n > 0:  # the model as loaded, at its training length: the score a stretched copy should keep
+        results["reference_passkey"] = sum(passkey_grid(model, tokenizer, [original], n=n, seed=seed)[0]) / len(DEPTHS)
     for scheme in tqdm(schemes, desc="schemes", disable=not progress):
         stretched = stretch(model, scheme, max(multiples))
         start = time.perf_counter()
@@ -115,7 +127,8 @@ def evaluate(model: GPT, schemes=SCHEMES, multiples=MULTIPLES, n: int = 10, seed
                 "passkey": passkey,
                 "probes": {kind: [_probe_accuracy(stretched, tokenizer, kind, length, n, seed) for length in lengths]
                            for kind in OTHER_PROBES},
-                "effective_length": evals.effective_length(lengths, passkey, margin=0.05),
+                "effective_length": evals.effective_length(lengths, passkey, margin=0.05,
+                                                           reference=results["reference_passkey"]),
             }
         results["schemes"][scheme] = row | {"seconds": time.perf_counter() - start}
     return results

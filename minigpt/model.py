@@ -204,13 +204,20 @@ class GPT(nn.Module):
         return_attention: bool = False,
         attention_impl: AttentionImpl = "sdpa",
         last_only: bool = False,
+        candidates: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for token ids `idx` `(B, T)`; with a `kv_cache`, `idx` continues the cached sequence.
 
         `last_only` computes the logits of the last position only, `(B, 1, vocab)`: all a prefill
         needs, and at long contexts far smaller than `(B, T, vocab)`.
+
+        `candidates` (1-D token ids) restricts the output to those ids: logits `(B, T, len(candidates))`,
+        and `targets` are then positions in `candidates`. Training on a task whose answers are
+        known to be among a few ids (the induction curriculum's 1,024) skips the rest of the
+        output layer, most of a small model's compute.
         """
-        return self.forward_embeddings(self.embed(idx), targets, kv_cache, return_attention, attention_impl, last_only)
+        return self.forward_embeddings(self.embed(idx), targets, kv_cache, return_attention, attention_impl, last_only,
+                                       candidates)
 
     def forward_embeddings(
         self,
@@ -220,6 +227,7 @@ class GPT(nn.Module):
         return_attention: bool = False,
         attention_impl: AttentionImpl = "sdpa",
         last_only: bool = False,
+        candidates: torch.Tensor | None = None,
     ) -> ModelOutput:
         """The transformer on input vectors `x` `(B, T, n_embd)` (token or image embeddings)."""
         if last_only and targets is not None:
@@ -241,10 +249,16 @@ class GPT(nn.Module):
             attentions.append(weights)
         if last_only:
             x = x[:, -1:]  # (B, 1, n_embd)
-        logits = self.lm_head(self.final_norm(x))
+        output_weight = self.lm_head.weight  # (vocab, n_embd)
+        if candidates is not None:
+            if not isinstance(candidates, torch.Tensor) or candidates.ndim != 1 or len(candidates) == 0:
+                raise ValueError(f"candidates must be a non-empty 1-D tensor of token ids, got {candidates!r}")
+            _check_ids(candidates[None], self.config.vocab_size, "candidates")
+            output_weight = output_weight[candidates]  # (n_candidates, n_embd)
+        logits = F.linear(self.final_norm(x), output_weight)  # (B, T, vocab or n_candidates)
         loss = None
         if targets is not None:
-            _check_ids(targets, self.config.vocab_size, "targets")
+            _check_ids(targets, len(output_weight), "targets" if candidates is None else "targets (positions in candidates)")
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return ModelOutput(logits, loss, attentions if return_attention else None)
 

@@ -32,8 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minigpt import data
-from minigpt.evals import fit_probe
+from minigpt.evals import fit_probe, head_scores, repeated_random_tokens
 from minigpt.model import GPT, GPTConfig, preset
+from minigpt.positions import SCHEMES
 from minigpt.tokenizer import Tokenizer
 
 CHECKPOINT_DIR = data.DATA_DIR / "checkpoints"
@@ -58,6 +59,14 @@ class TrainConfig:
     probe_mix: float = 0.0  # share of each batch's rows that are synthetic retrieval probes, not Shakespeare
     probe_kinds: tuple[str, ...] = data.PROBE_KINDS  # which probes the mix draws from
     model_overrides: dict = field(default_factory=dict)  # GPTConfig fields to change from the preset
+    init_from: str | None = None  # start from this checkpoint's weights and config (overrides applied), not the preset
+    # The induction curriculum: `copy_steps` steps of `data.repeated_segments` before the corpus.
+    copy_steps: int = 0
+    copy_batch_size: int = 64  # the phase change to in-context copying needs larger batches than the corpus
+    copy_learning_rate: float = 1e-3  # held constant after the warmup
+    copy_length: int = 128  # tokens per curriculum row
+    copy_vocab: int = 1024  # the segments draw from this many of the corpus's most common tokens
+    copy_mix: float = 0.0  # share of each corpus-phase batch that stays curriculum rows, so the heads are kept
 
 
 @lru_cache(maxsize=4)
@@ -130,20 +139,51 @@ def probe_window(rng: random.Random, tokenizer_name: str, length: int,
 
 def training_batch(
     tokens: torch.Tensor, config: TrainConfig, context: int, generator: torch.Generator,
-    rng: random.Random, tokenizer_name: str,
+    rng: random.Random, tokenizer_name: str, copy_ids: torch.Tensor | None = None,
+    copy_generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One global batch: `sample_batch` windows of the corpus, the last `probe_mix` share of the
-    rows replaced by `probe_window`s. Inputs and targets, `(batch_size, context)` each."""
+    """One global batch: `sample_batch` windows of the corpus, with the last rows replaced by
+    `probe_mix` of `probe_window`s and then `copy_mix` of `data.repeated_segments` drawn from
+    `copy_ids` with `copy_generator`. Inputs and targets, `(batch_size, context)` each."""
     x, y = sample_batch(tokens, config.batch_size, context, generator)
-    n_probes = round(config.probe_mix * config.batch_size)
-    for row in range(config.batch_size - n_probes, config.batch_size):
+    n_probes, n_copies = round(config.probe_mix * config.batch_size), round(config.copy_mix * config.batch_size)
+    if n_probes + n_copies > config.batch_size:
+        raise ValueError(f"probe_mix ({config.probe_mix}) and copy_mix ({config.copy_mix}) add up to more than the batch")
+    for row in range(config.batch_size - n_probes - n_copies, config.batch_size - n_copies):
         window = probe_window(rng, tokenizer_name, context + 1, config.probe_kinds)
         x[row], y[row] = window[:-1], window[1:]
+    if n_copies:
+        if copy_ids is None or copy_generator is None:
+            raise ValueError("copy_mix needs the curriculum's token ids and generator")
+        rows = data.repeated_segments(n_copies, context + 1, copy_ids, copy_generator)
+        x[-n_copies:], y[-n_copies:] = rows[:, :-1], rows[:, 1:]
     return x, y
 
 
+def most_common_tokens(tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """The `n` ids that occur most often in `tokens`, most common first (ties: lower id first)."""
+    counts = torch.bincount(tokens)
+    if n > len(counts):
+        raise ValueError(f"asked for the {n} most common tokens, but the ids only go up to {len(counts) - 1}")
+    return torch.sort(counts, descending=True, stable=True).indices[:n]
+
+
+def copy_batch(config: TrainConfig, token_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One global batch of the induction curriculum, `(copy_batch_size, copy_length)` each: input
+    ids drawn from `token_ids`, and targets as positions in `token_ids` (for `GPT.forward`'s `candidates`)."""
+    rows = data.repeated_segments(config.copy_batch_size, config.copy_length + 1, torch.arange(len(token_ids)), generator)
+    return token_ids[rows[:, :-1]], rows[:, 1:]
+
+
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warmup to the peak rate, then cosine decay to the minimum at the last step."""
+    """Linear warmup to the peak rate, then cosine decay to the minimum at the last step.
+
+    With an induction curriculum, its `copy_steps` come first, at `copy_learning_rate` after the
+    same warmup; the corpus phase then runs its own warmup and cosine over `steps`.
+    """
+    if step < config.copy_steps:
+        return config.copy_learning_rate * min(1.0, (step + 1) / max(1, config.warmup_steps))
+    step -= config.copy_steps
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
@@ -222,6 +262,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model, checkpoint
 
 
+def starting_config(config: TrainConfig) -> GPTConfig:
+    """The model config a run trains: the preset's, or with `init_from` the checkpoint's, with
+    `model_overrides` applied (a longer context and a RoPE scaling for a long-context fine-tune)."""
+    if config.init_from is None:
+        return preset(config.preset, **config.model_overrides)
+    _, checkpoint = load_checkpoint(config.init_from)
+    return replace(GPTConfig(**checkpoint["model_config"]), **config.model_overrides)
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size), starting the process group when launched by torchrun."""
     if "RANK" not in os.environ:
@@ -252,50 +301,78 @@ def train(
     """
     if not 0 <= config.probe_mix <= 1:
         raise ValueError(f"probe_mix is the share of probe rows per batch, from 0 to 1; got {config.probe_mix}")
+    if not 0 <= config.copy_mix <= 1 - config.probe_mix:
+        raise ValueError(f"copy_mix is the share of curriculum rows per batch, from 0 to 1 - probe_mix "
+                         f"({1 - config.probe_mix}); got {config.copy_mix}")
     unknown = set(config.probe_kinds) - set(data.PROBE_KINDS)
     if unknown or not config.probe_kinds:
         raise ValueError(f"probe_kinds must name some of {data.PROBE_KINDS}; got {config.probe_kinds}")
+    for name in ("copy_steps", "copy_batch_size", "copy_length", "copy_vocab"):
+        if getattr(config, name) < (0 if name == "copy_steps" else 2):
+            raise ValueError(f"{name} must be {'at least 0' if name == 'copy_steps' else 'at least 2'}, "
+                             f"got {getattr(config, name)}")
     rank, world = _distributed()
-    if config.batch_size % world:
-        raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world})")
+    for name in ("batch_size", "copy_batch_size"):
+        if getattr(config, name) % world:
+            raise ValueError(f"{name} ({getattr(config, name)}) must be divisible by the number of processes ({world})")
     torch.manual_seed(config.seed)
-    model_config = preset(config.preset, **config.model_overrides)
+    model_config = starting_config(config)
     if resume is None:
         model = GPT(model_config)
+        if config.init_from is not None:
+            model.load_state_dict(load_checkpoint(config.init_from)[0].state_dict())
     else:
         model, checkpoint = load_checkpoint(resume)
         if model.config != model_config:
             raise ValueError(f"{resume} holds a model of config {model.config}, not the {model_config} asked for")
         if "optimizer" not in checkpoint:
             raise ValueError(f"{resume} has no optimizer state (it was saved for inference only), so it cannot be resumed")
+    if config.copy_steps and config.copy_length > model_config.context:
+        raise ValueError(f"copy_length ({config.copy_length}) must fit the context ({model_config.context})")
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": config.weight_decay},
          {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
         lr=config.learning_rate, betas=(0.9, 0.95),
     )
-    history = {"step": [], "train_loss": [], "val_step": [], "val_bpb": [], "seconds": []}
+    history = {"step": [], "train_loss": [], "val_step": [], "val_bpb": [], "val_induction": [], "seconds": []}
     start_step = 0
     if resume is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step, history = checkpoint["step"], json.loads(checkpoint["history"])
+        start_step, history = checkpoint["step"], {**history, **json.loads(checkpoint["history"])}
     ddp_model = DistributedDataParallel(model) if world > 1 else model
 
     train_tokens, val_tokens = corpus_tokens("train", model_config.tokenizer), corpus_tokens("val", model_config.tokenizer)
     byte_lengths = token_byte_lengths(load_tokenizer(model_config.tokenizer))
     generator = torch.Generator().manual_seed(config.seed)
     probe_rng = random.Random(config.seed)
-    for _ in range(start_step):  # replay the batch stream, so a resumed run sees the same batches
-        training_batch(train_tokens, config, model_config.context, generator, probe_rng, model_config.tokenizer)
-    local = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
+    copy_ids = most_common_tokens(train_tokens, config.copy_vocab)
+    copy_generator = torch.Generator().manual_seed(config.seed + 1)  # its own stream: the corpus batches stay the same
 
+    def next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if step < config.copy_steps:
+            return copy_batch(config, copy_ids, copy_generator)
+        return training_batch(train_tokens, config, model_config.context, generator, probe_rng, model_config.tokenizer,
+                              copy_ids, copy_generator)
+
+    for step in range(start_step):  # replay the batch stream, so a resumed run sees the same batches
+        next_batch(step)
+    # The induction score on repeated random sequences of the corpus's common tokens (not the
+    # curriculum's own draws): rare tokens' embeddings are barely trained, by the curriculum or the corpus.
+    induction_tokens = copy_ids[repeated_random_tokens(8, min(32, model_config.context // 2), high=config.copy_vocab,
+                                                       seed=10**6)]
+
+    total_steps = config.copy_steps + config.steps
     elapsed = history["seconds"][-1] if history["seconds"] else 0.0
     clock = time.perf_counter() - elapsed
-    bar = tqdm(range(start_step, config.steps), desc=f"training {config.preset}", disable=not progress or rank != 0)
+    name = config.preset if config.init_from is None else Path(config.init_from).stem
+    bar = tqdm(range(start_step, total_steps), desc=f"training {name}", disable=not progress or rank != 0)
     for step in bar:
-        x, y = training_batch(train_tokens, config, model_config.context, generator, probe_rng, model_config.tokenizer)
+        x, y = next_batch(step)
+        local = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        loss = ddp_model(x[local], y[local]).loss
+        candidates = copy_ids if step < config.copy_steps else None  # the curriculum scores only its own ids
+        loss = ddp_model(x[local], y[local], candidates=candidates).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -305,12 +382,14 @@ def train(
         history["train_loss"].append(loss.item())
         history["seconds"].append(seconds)
         out_of_time = config.time_budget is not None and _any_rank(seconds >= config.time_budget, world)
-        last = step + 1 == config.steps or out_of_time
+        last = step + 1 == total_steps or out_of_time
         if rank == 0 and ((step + 1) % config.eval_every == 0 or last):
             bpb = bits_per_byte(model, val_tokens, byte_lengths, None if last else config.eval_windows)
+            induction = head_scores(model, induction_tokens)["induction"].max().item()
             history["val_step"].append(step + 1)
             history["val_bpb"].append(bpb)
-            bar.set_postfix(loss=f"{loss.item():.3f}", val_bpb=f"{bpb:.3f}")
+            history["val_induction"].append(induction)
+            bar.set_postfix(loss=f"{loss.item():.3f}", val_bpb=f"{bpb:.3f}", induction=f"{induction:.2f}")
         if rank == 0 and on_step is not None:
             on_step(history)
         if last:
@@ -326,35 +405,49 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minigpt.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     parser.add_argument("--preset", default=defaults.preset)
-    for name in ("steps", "batch_size", "warmup_steps", "eval_every", "eval_windows", "seed"):
+    for name in ("steps", "batch_size", "warmup_steps", "eval_every", "eval_windows", "seed",
+                 "copy_steps", "copy_batch_size", "copy_length", "copy_vocab"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
+    for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip", "copy_learning_rate"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
     parser.add_argument("--context", type=int, default=None, help="train at this context length instead of the preset's")
+    parser.add_argument("--rope-scaling", choices=SCHEMES, default=None,
+                        help="a context extension scheme for the model (with --rope-factor and --rope-original-context)")
+    parser.add_argument("--rope-factor", type=float, default=None)
+    parser.add_argument("--rope-original-context", type=int, default=None)
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from this checkpoint's weights and config (with --context and --rope-* applied), "
+                             "for example to fine-tune at a longer length")
     parser.add_argument("--probe-kinds", nargs="+", choices=data.PROBE_KINDS, default=list(defaults.probe_kinds),
                         help="the probe kinds the mix draws from (default: all)")
+    parser.add_argument("--copy-mix", type=float, default=defaults.copy_mix,
+                        help="share of each corpus-phase batch that stays induction-curriculum rows")
     parser.add_argument("--probe-mix", type=float, default=defaults.probe_mix,
                         help="share of each batch that is synthetic retrieval probes (passkey, key-value, ...)")
-    parser.add_argument("--out", type=Path, default=None, help="checkpoint path (default: data/checkpoints/PRESET.pt)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="checkpoint path (default: data/checkpoints/PRESET.pt, or NAME-tuned.pt with --init-from NAME.pt)")
     parser.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint")
     parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float32",
                         help="precision of the saved weights (float16 halves the file)")
     parser.add_argument("--no-optimizer", action="store_true",
                         help="save the weights only: a small file for inference that cannot be resumed")
     args = vars(parser.parse_args(argv))
-    out = args.pop("out") or CHECKPOINT_DIR / f"{args['preset']}.pt"
+    default_name = args["preset"] if args["init_from"] is None else f"{args['init_from'].stem}-tuned"
+    out = args.pop("out") or CHECKPOINT_DIR / f"{default_name}.pt"  # never the starting checkpoint itself
     resume, save_dtype, no_optimizer = args.pop("resume"), args.pop("save_dtype"), args.pop("no_optimizer")
-    context = args.pop("context")
+    overrides = {name: args.pop(name) for name in ("context", "rope_scaling", "rope_factor", "rope_original_context")}
     args["probe_kinds"] = tuple(args["probe_kinds"])
-    config = replace(defaults, **args, model_overrides={} if context is None else {"context": context})
+    args["init_from"] = None if args["init_from"] is None else str(args["init_from"])
+    config = replace(defaults, **args, model_overrides={k: v for k, v in overrides.items() if v is not None})
     command = "python -m minigpt.train " + " ".join(sys.argv[1:] if argv is None else argv)
     _, history = train(config, out, resume, save_dtype=save_dtype, save_optimizer=not no_optimizer, command=command)
     if int(os.environ.get("RANK", 0)) == 0:
         from minigpt.viz import plot_training
 
-        plot_training(history, title=f"{config.preset}: {command}").savefig(out.with_suffix(".png"), dpi=100)
-        print(f"{config.preset}: {history['step'][-1]} steps in {history['seconds'][-1]:.0f} s, "
+        name = config.preset if config.init_from is None else f"from {Path(config.init_from).stem}"
+        plot_training(history, title=f"{name}: {command}").savefig(out.with_suffix(".png"), dpi=100)
+        print(f"{name}: {history['step'][-1]} steps in {history['seconds'][-1]:.0f} s, "
               f"validation {history['val_bpb'][-1]:.3f} bits per byte -> {out} (loss curve {out.with_suffix('.png')})")
     if dist.is_initialized():
         dist.destroy_process_group()

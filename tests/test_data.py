@@ -7,6 +7,7 @@ import re
 from collections import Counter
 
 import pytest
+import torch
 
 from minigpt import data
 from minigpt.data import (
@@ -516,3 +517,38 @@ def test_common_words_are_frequent_real_words_of_the_training_split():
     assert {"the", "king", "love"} <= set(words) and all(word.isalpha() and word.islower() for word in words)
     text = shakespeare_text("train")
     assert all(len(re.findall(rf"\b{word}\b", text, flags=re.IGNORECASE)) >= 50 for word in words[:20])
+
+
+def test_repeated_segments_are_seeded_packed_copies_of_random_segments():
+    ids = torch.arange(50, 1050)  # many ids, so a segment matching itself by chance is negligible
+    rows = data.repeated_segments(6, 200, ids, torch.Generator().manual_seed(0), shortest=3, longest=9)
+    assert rows.shape == (6, 200) and rows.dtype == torch.long
+    assert set(rows.unique().tolist()) <= set(ids.tolist())
+    assert torch.equal(rows, data.repeated_segments(6, 200, ids, torch.Generator().manual_seed(0), shortest=3, longest=9))
+    for row in rows.tolist():  # an independent parse: each segment of 3 to 9 ids is followed by its copy
+        start = 0
+        while start + 18 <= len(row):
+            size = next(n for n in range(3, 10) if row[start : start + n] == row[start + n : start + 2 * n])
+            start += 2 * size
+        tail = row[start:]  # the last pair, cut off at the row's length
+        assert any(tail[n:] == tail[: len(tail) - n] for n in range(3, 10))
+
+
+def test_repeated_segments_vary_the_distance_to_the_copy():
+    rows = data.repeated_segments(64, 128, torch.arange(1000), torch.Generator().manual_seed(1))
+    # The first segment's length is the distance its copy sits back; several lengths must occur.
+    first_sizes = {next(n for n in range(4, 41) if row[:n] == row[n : 2 * n]) for row in rows.tolist()}
+    assert len(first_sizes) > 10
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_rows": 0}, "n_rows must be an integer"),
+    ({"length": 1}, "length must be an integer"),
+    ({"shortest": 5, "longest": 4}, "longest must be an integer at least 5"),
+    ({"token_ids": torch.tensor([1.0, 2.0])}, "token_ids must be a 1-D long tensor"),
+    ({"token_ids": torch.tensor([3])}, "token_ids must be a 1-D long tensor"),
+])
+def test_repeated_segments_refuse_bad_arguments(kwargs, match):
+    arguments = {"n_rows": 2, "length": 10, "token_ids": torch.arange(10), "generator": torch.Generator()} | kwargs
+    with pytest.raises(ValueError, match=match):
+        data.repeated_segments(**arguments)

@@ -568,6 +568,15 @@ def test_effective_length_for_losses_counts_a_rise():
     assert effective_length([128], [0.3], 0.0) == 128
 
 
+def test_effective_length_against_a_reference_score():
+    scores = [0.96, 0.97, 0.9, 0.2, 0.1]  # a stretched model's accuracies
+    assert effective_length(LENGTHS, scores, 0.05, reference=1.0) == 512
+    assert effective_length(LENGTHS, [0.0] * 5, 0.05, reference=1.0) == 0  # fails already at the training length
+    assert effective_length(LENGTHS, [0.0] * 5, 0.05) == 4096  # without a reference, 0 stays "within" 0
+    with pytest.raises(ValueError, match="reference must be a finite number"):
+        effective_length(LENGTHS, scores, 0.05, reference=math.nan)
+
+
 @pytest.mark.parametrize(
     "lengths, scores, margin, match",
     [

@@ -90,6 +90,14 @@ def test_loss_by_multiple_averages_the_positions_of_each_stretch(tiny):
     assert all(math.log(8192) - 2 < m < math.log(8192) + 2 for m in means)  # a random model: near uniform
 
 
+def test_loss_by_multiple_uses_the_windows_the_text_holds_and_refuses_too_short_a_text(tiny):
+    tokens = torch.randint(0, 8192, (2 * CONTEXT + 5,), generator=torch.Generator().manual_seed(0))
+    two = loss_by_multiple(tiny, tokens, CONTEXT, [1], n_windows=16)  # only 2 windows fit
+    assert two == pytest.approx(loss_by_multiple(tiny, tokens, CONTEXT, [1], n_windows=2))
+    with pytest.raises(ValueError, match="shorter than one window"):
+        loss_by_multiple(stretch(tiny, "yarn", 4), tokens[:CONTEXT], 4 * CONTEXT, [1, 4], n_windows=1)
+
+
 def test_evaluate_command_writes_every_scheme_and_the_command(tmp_path, tiny, capsys):
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(checkpoint, tiny, None, 0, TrainConfig(), {"step": []})
@@ -105,7 +113,10 @@ def test_evaluate_command_writes_every_scheme_and_the_command(tmp_path, tiny, ca
         assert r["passkey"] == pytest.approx([sum(row) / len(row) for row in r["passkey_by_depth"]])
         assert set(r["probes"]) == {"kv", "variable-chain", "frequent-word", "mrcr"}
         assert r["probes"]["variable-chain"] == [None, None]  # does not fit in 64 or 128 tokens
-        assert len(r["loss_by_multiple"]) == 2 and r["effective_length"] in results["lengths"]
+        assert len(r["loss_by_multiple"]) == 2 and r["effective_length"] in [0, *results["lengths"]]
+        assert r["effective_length"] == evals.effective_length(results["lengths"], r["passkey"], 0.05,
+                                                               reference=results["reference_passkey"])
+    assert 0 <= results["reference_passkey"] <= 1
     assert "yarn" in capsys.readouterr().out
 
 
@@ -118,3 +129,9 @@ def test_evaluate_with_no_probes_measures_the_loss_only(tmp_path, tiny):
           "--multiples", "1", "2"])
     row = json.loads(out.read_text())["schemes"]["ntk"]
     assert set(row) == {"loss_by_multiple", "seconds"} and len(row["loss_by_multiple"]) == 2
+
+
+def test_fitted_probes_fit_every_seed_even_when_word_lengths_vary(tok):
+    probes = fitted_probes("frequent-word", tok, 300, 8, seed=0)
+    lengths = [sum(map(len, evals.probe_ids(tok, p))) for p in probes]
+    assert all(300 - 10 < n <= 300 for n in lengths)  # each filled on its own: a word is a few tokens

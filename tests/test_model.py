@@ -199,6 +199,34 @@ def test_loss_equals_cross_entropy_of_the_logits():
     assert out.loss.item() == pytest.approx(manual.item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_candidates_give_those_columns_of_the_logits_and_a_loss_over_them_only(tie):
+    model = small_model(tie_embeddings=tie)
+    ids, candidates = random_ids(2, 12), torch.tensor([5, 0, 96, 40])
+    positions = random_ids(2, 12, vocab=4, seed=7)  # targets as positions in `candidates`
+    full = model(ids).logits
+    restricted = model(ids, targets=positions, candidates=candidates)
+    torch.testing.assert_close(restricted.logits, full[..., candidates])
+    want = F.cross_entropy(full[..., candidates].reshape(-1, 4), positions.reshape(-1))
+    torch.testing.assert_close(restricted.loss, want)
+
+
+@pytest.mark.parametrize("candidates, error, match", [
+    (torch.tensor([1, 97]), ValueError, r"candidates must lie in \[0, 97\)"),
+    (torch.tensor([[1, 2]]), ValueError, "candidates must be a non-empty 1-D tensor of token ids"),
+    (torch.tensor([], dtype=torch.long), ValueError, "candidates must be a non-empty 1-D tensor of token ids"),
+    (torch.tensor([1.0, 2.0]), TypeError, "must be an integer tensor"),
+])
+def test_bad_candidates_are_refused(candidates, error, match):
+    with pytest.raises(error, match=match):
+        small_model()(random_ids(1, 4), candidates=candidates)
+
+
+def test_targets_must_be_positions_in_the_candidates():
+    with pytest.raises(ValueError, match=r"targets \(positions in candidates\) must lie in \[0, 2\)"):
+        small_model()(random_ids(1, 4), targets=random_ids(1, 4, vocab=5), candidates=torch.tensor([3, 4]))
+
+
 @pytest.mark.parametrize("config", [preset("nano", context=32), small_config()], ids=["nano", "small"])
 def test_fresh_model_loss_is_near_uniform(config):
     torch.manual_seed(0)

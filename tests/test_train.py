@@ -23,6 +23,7 @@ from minigpt.train import (
     load_checkpoint,
     load_tokenizer,
     main,
+    most_common_tokens,
     probe_size_limits,
     probe_window,
     sample_batch,
@@ -359,7 +360,8 @@ def test_unknown_probe_kinds_are_refused():
         train(replace(TINY, probe_mix=0.5, probe_kinds=("passkey", "haystack")), progress=False)
 
 
-def test_command_line_context_and_probe_kinds_reach_the_run(tmp_path, monkeypatch):
+def config_from_command_line(monkeypatch, argv: list[str]) -> TrainConfig:
+    """The TrainConfig that `main(argv)` hands to `train`, with training itself replaced by a stub."""
     seen = {}
 
     def fake_train(config, out, resume, **kwargs):
@@ -367,9 +369,124 @@ def test_command_line_context_and_probe_kinds_reach_the_run(tmp_path, monkeypatc
         return None, {"step": [1], "train_loss": [9.0], "val_step": [1], "val_bpb": [3.0], "seconds": [0.1]}
 
     monkeypatch.setattr(minigpt.train, "train", fake_train)
-    main(["--preset", "nano", "--context", "128", "--probe-mix", "1", "--probe-kinds", "passkey", "kv",
-          "--out", str(tmp_path / "lc.pt")])
-    config = seen["config"]
+    main(argv)
+    return seen["config"]
+
+
+def test_command_line_context_and_probe_kinds_reach_the_run(tmp_path, monkeypatch):
+    config = config_from_command_line(monkeypatch, ["--preset", "nano", "--context", "128", "--probe-mix", "1",
+                                                    "--probe-kinds", "passkey", "kv", "--out", str(tmp_path / "lc.pt")])
     assert config.model_overrides == {"context": 128} and config.probe_kinds == ("passkey", "kv")
     assert config.probe_mix == 1.0
     assert (tmp_path / "lc.png").exists()
+
+
+def test_most_common_tokens_ranks_by_count():
+    tokens = torch.tensor([3, 3, 3, 1, 1, 7, 0, 0])
+    assert most_common_tokens(tokens, 3).tolist() == [3, 0, 1]  # 0 and 1 tie: the lower id first
+    with pytest.raises(ValueError, match="ids only go up to 7"):
+        most_common_tokens(tokens, 9)
+
+
+def test_learning_rate_runs_the_copy_curriculum_first_then_the_corpus_schedule():
+    corpus_only = TrainConfig(steps=1000, warmup_steps=100, learning_rate=1e-3, min_learning_rate=1e-4)
+    with_copy = replace(corpus_only, copy_steps=500, copy_learning_rate=5e-4)
+    assert learning_rate(0, with_copy) == pytest.approx(5e-6)
+    assert [learning_rate(s, with_copy) for s in (99, 300, 499)] == pytest.approx([5e-4] * 3)
+    assert [learning_rate(500 + s, with_copy) for s in range(1001)] == [learning_rate(s, corpus_only) for s in range(1001)]
+
+
+def test_copy_curriculum_trains_on_repeated_segments_then_the_same_corpus_batches(monkeypatch):
+    seen = []
+    forward = GPT.forward
+
+    def recording_forward(self, idx, targets=None, **kwargs):
+        seen.append(idx.clone())
+        return forward(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", recording_forward)
+    curriculum = replace(TINY, copy_steps=3, copy_batch_size=6, copy_length=20, copy_vocab=50)
+    _, history = train(curriculum, progress=False)
+    training = [x for x in seen if x.shape[0] in (4, 6) and x.shape[1] in (20, 32)]
+    assert [tuple(x.shape) for x in training] == [(6, 20)] * 3 + [(4, 32)] * 4
+    common = set(most_common_tokens(corpus_tokens("train"), 50).tolist())
+    assert all(set(x.unique().tolist()) <= common for x in training[:3])
+    seen.clear()
+    train(TINY, progress=False)
+    plain = [x for x in seen if x.shape == (4, 32)]
+    assert all(torch.equal(a, b) for a, b in zip(training[3:], plain)) and len(plain) == 4
+    assert history["step"] == list(range(1, 8)) and len(history["val_induction"]) == 1
+
+
+def test_resume_inside_the_copy_curriculum_continues_exactly(tmp_path):
+    curriculum = replace(TINY, copy_steps=3, copy_batch_size=4, copy_length=16, warmup_steps=1,
+                         learning_rate=1e-3, min_learning_rate=1e-3)
+    straight, _ = train(curriculum, progress=False)
+    train(replace(curriculum, steps=0, copy_steps=2), out=tmp_path / "copying.pt", progress=False)
+    resumed, history = train(curriculum, resume=tmp_path / "copying.pt", progress=False)
+    assert history["step"] == list(range(1, 8))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"copy_steps": -1}, "copy_steps must be at least 0"),
+    ({"copy_batch_size": 1}, "copy_batch_size must be at least 2"),
+    ({"copy_steps": 1, "copy_length": 64}, r"copy_length \(64\) must fit the context \(32\)"),
+])
+def test_bad_curriculum_settings_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        train(replace(TINY, **change), progress=False)
+
+
+def test_init_from_starts_from_a_checkpoint_with_a_longer_context_and_rope_scaling(tmp_path):
+    base, _ = train(TINY, out=tmp_path / "short.pt", progress=False)
+    longer = replace(TINY, steps=1, learning_rate=0.0, min_learning_rate=0.0, warmup_steps=1,
+                     init_from=str(tmp_path / "short.pt"),
+                     model_overrides={"context": 128, "rope_scaling": "yarn", "rope_factor": 4.0,
+                                      "rope_original_context": 32})
+    tuned, _ = train(longer, out=tmp_path / "long.pt", progress=False)
+    assert tuned.config == replace(base.config, context=128, rope_scaling="yarn", rope_factor=4.0,
+                                   rope_original_context=32)
+    for (name, a), b in zip(base.state_dict().items(), tuned.state_dict().values()):
+        assert torch.equal(a, b), name  # a zero learning rate leaves the checkpoint's weights as they were
+    resumed, _ = train(replace(longer, steps=2), resume=tmp_path / "long.pt", progress=False)
+    assert resumed.config == tuned.config
+
+
+def test_command_line_curriculum_init_and_rope_flags_reach_the_run(tmp_path, monkeypatch):
+    config = config_from_command_line(monkeypatch, [
+        "--preset", "nano", "--copy-steps", "1500", "--copy-batch-size", "32", "--copy-learning-rate", "2e-3",
+        "--copy-mix", "0.25", "--init-from", str(tmp_path / "base.pt"), "--context", "512", "--rope-scaling", "yarn",
+        "--rope-factor", "4", "--rope-original-context", "128", "--out", str(tmp_path / "ft.pt")])
+    assert (config.copy_steps, config.copy_batch_size, config.copy_learning_rate, config.copy_mix) == (1500, 32, 2e-3, 0.25)
+    assert config.init_from == str(tmp_path / "base.pt")
+    assert config.model_overrides == {"context": 512, "rope_scaling": "yarn", "rope_factor": 4.0,
+                                      "rope_original_context": 128}
+
+
+def test_copy_mix_replaces_the_last_rows_with_repeated_segments_after_the_probes():
+    tokens, ids = corpus_tokens("train"), torch.arange(100, 1100)
+    config = replace(TINY, batch_size=8, probe_mix=0.25, copy_mix=0.25)
+    x, y = training_batch(tokens, config, 64, torch.Generator().manual_seed(0), random.Random(0), "minigpt-8k",
+                          ids, torch.Generator().manual_seed(1))
+    plain_x, _ = sample_batch(tokens, 8, 64, torch.Generator().manual_seed(0))
+    assert torch.equal(x[:4], plain_x[:4])  # 4 Shakespeare rows, then 2 probes, then 2 curriculum rows
+    tok = load_tokenizer("minigpt-8k")
+    assert all(tok.decode(row.tolist()).startswith(PROBE_STARTS) for row in x[4:6])
+    want = data.repeated_segments(2, 65, ids, torch.Generator().manual_seed(1))
+    assert torch.equal(x[6:], want[:, :-1]) and torch.equal(y[6:], want[:, 1:])
+    with pytest.raises(ValueError, match="copy_mix needs the curriculum's token ids"):
+        training_batch(tokens, config, 64, torch.Generator(), random.Random(0), "minigpt-8k")
+
+
+@pytest.mark.parametrize("probe_mix, copy_mix", [(0.0, -0.1), (0.5, 0.75)])
+def test_copy_mix_beyond_what_the_probes_leave_is_refused(probe_mix, copy_mix):
+    with pytest.raises(ValueError, match="copy_mix is the share of curriculum rows per batch"):
+        train(replace(TINY, probe_mix=probe_mix, copy_mix=copy_mix), progress=False)
+
+
+def test_command_line_init_from_without_out_never_overwrites_the_starting_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(minigpt.train, "CHECKPOINT_DIR", tmp_path)
+    config_from_command_line(monkeypatch, ["--init-from", str(tmp_path / "nano-passkey.pt"), "--context", "256"])
+    assert (tmp_path / "nano-passkey-tuned.png").exists() and not (tmp_path / "nano-passkey.png").exists()
