@@ -262,13 +262,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model, checkpoint
 
 
-def starting_config(config: TrainConfig) -> GPTConfig:
-    """The model config a run trains: the preset's, or with `init_from` the checkpoint's, with
-    `model_overrides` applied (a longer context and a RoPE scaling for a long-context fine-tune)."""
+def starting_model(config: TrainConfig) -> GPT:
+    """The model a run starts from: a fresh one of the preset, or with `init_from` the checkpoint's
+    weights in its config, either with `model_overrides` applied (a longer context and a RoPE
+    scaling for a long-context fine-tune: positions add no weights, so the state dict still fits)."""
     if config.init_from is None:
-        return preset(config.preset, **config.model_overrides)
-    _, checkpoint = load_checkpoint(config.init_from)
-    return replace(GPTConfig(**checkpoint["model_config"]), **config.model_overrides)
+        return GPT(preset(config.preset, **config.model_overrides))
+    base, _ = load_checkpoint(config.init_from)
+    model = GPT(replace(base.config, **config.model_overrides))
+    model.load_state_dict(base.state_dict())
+    return model
 
 
 def _distributed() -> tuple[int, int]:
@@ -307,21 +310,17 @@ def train(
     unknown = set(config.probe_kinds) - set(data.PROBE_KINDS)
     if unknown or not config.probe_kinds:
         raise ValueError(f"probe_kinds must name some of {data.PROBE_KINDS}; got {config.probe_kinds}")
-    for name in ("copy_steps", "copy_batch_size", "copy_length", "copy_vocab"):
-        if getattr(config, name) < (0 if name == "copy_steps" else 2):
-            raise ValueError(f"{name} must be {'at least 0' if name == 'copy_steps' else 'at least 2'}, "
-                             f"got {getattr(config, name)}")
+    for name, least in (("copy_steps", 0), ("copy_batch_size", 2), ("copy_length", 2), ("copy_vocab", 2)):
+        if getattr(config, name) < least:
+            raise ValueError(f"{name} must be at least {least}, got {getattr(config, name)}")
     rank, world = _distributed()
     for name in ("batch_size", "copy_batch_size"):
         if getattr(config, name) % world:
             raise ValueError(f"{name} ({getattr(config, name)}) must be divisible by the number of processes ({world})")
     torch.manual_seed(config.seed)
-    model_config = starting_config(config)
-    if resume is None:
-        model = GPT(model_config)
-        if config.init_from is not None:
-            model.load_state_dict(load_checkpoint(config.init_from)[0].state_dict())
-    else:
+    model = starting_model(config)
+    model_config = model.config
+    if resume is not None:  # the same config, with the resumed run's weights and optimizer
         model, checkpoint = load_checkpoint(resume)
         if model.config != model_config:
             raise ValueError(f"{resume} holds a model of config {model.config}, not the {model_config} asked for")
