@@ -381,6 +381,13 @@ def test_command_line_context_and_probe_kinds_reach_the_run(tmp_path, monkeypatc
     assert (tmp_path / "lc.png").exists()
 
 
+def test_command_line_rope_base_reaches_the_model(tmp_path, monkeypatch):
+    config = config_from_command_line(monkeypatch, ["--preset", "nano", "--rope-base", "10", "--out", str(tmp_path / "b.pt")])
+    assert config.model_overrides == {"rope_base": 10.0}
+    model = minigpt.train.starting_model(config)
+    assert model.config.rope_base == 10.0 and model.rotary.base == 10.0
+
+
 def test_most_common_tokens_ranks_by_count():
     tokens = torch.tensor([3, 3, 3, 1, 1, 7, 0, 0])
     assert most_common_tokens(tokens, 3).tolist() == [3, 0, 1]  # 0 and 1 tie: the lower id first
