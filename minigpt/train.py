@@ -21,7 +21,8 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from minigpt import data
 from minigpt.evals import fit_probe, head_scores, repeated_random_tokens
 from minigpt.model import GPT, GPTConfig, preset
-from minigpt.positions import SCHEMES
+from minigpt.positions import SCHEMES, RopeScaling
 from minigpt.tokenizer import Tokenizer
 
 CHECKPOINT_DIR = data.DATA_DIR / "checkpoints"
@@ -67,6 +68,9 @@ class TrainConfig:
     copy_length: int = 128  # tokens per curriculum row
     copy_vocab: int = 1024  # the segments draw from this many of the corpus's most common tokens
     copy_mix: float = 0.0  # share of each corpus-phase batch that stays curriculum rows, so the heads are kept
+    # Scale-factor augmentation: each step runs YaRN at a factor drawn from these (relative to the
+    # training context), so the model cannot lean on the exact speed of its slow pairs.
+    yarn_factors: tuple[float, ...] = ()
 
 
 @lru_cache(maxsize=4)
@@ -274,6 +278,21 @@ def starting_model(config: TrainConfig) -> GPT:
     return model
 
 
+@contextmanager
+def rope_scaling_applied(model: GPT, scaling: RopeScaling | None) -> Iterator[None]:
+    """Run `model`'s forward passes with `scaling` in place of its own RoPE scaling (None: its own).
+
+    Positions add no weights, so only the angles change; the model's config, and what it saves,
+    stay as they are.
+    """
+    own = model.rotary.scaling
+    model.rotary.scaling = own if scaling is None else scaling
+    try:
+        yield
+    finally:
+        model.rotary.scaling = own
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size), starting the process group when launched by torchrun."""
     if "RANK" not in os.environ:
@@ -313,6 +332,8 @@ def train(
     for name, least in (("copy_steps", 0), ("copy_batch_size", 2), ("copy_length", 2), ("copy_vocab", 2)):
         if getattr(config, name) < least:
             raise ValueError(f"{name} must be at least {least}, got {getattr(config, name)}")
+    if any(not 1 <= factor < math.inf for factor in config.yarn_factors):
+        raise ValueError(f"yarn_factors are YaRN scale factors, each >= 1 and finite; got {config.yarn_factors}")
     rank, world = _distributed()
     for name in ("batch_size", "copy_batch_size"):
         if getattr(config, name) % world:
@@ -326,6 +347,9 @@ def train(
             raise ValueError(f"{resume} holds a model of config {model.config}, not the {model_config} asked for")
         if "optimizer" not in checkpoint:
             raise ValueError(f"{resume} has no optimizer state (it was saved for inference only), so it cannot be resumed")
+    if config.yarn_factors and model_config.rope_scaling != "rope":
+        raise ValueError(f"yarn_factors augments plain RoPE, but this model already uses {model_config.rope_scaling!r} "
+                         f"(factor {model_config.rope_factor})")
     if config.copy_steps and config.copy_length > model_config.context:
         raise ValueError(f"copy_length ({config.copy_length}) must fit the context ({model_config.context})")
     optimizer = torch.optim.AdamW(
@@ -346,6 +370,7 @@ def train(
     probe_rng = random.Random(config.seed)
     copy_ids = most_common_tokens(train_tokens, config.copy_vocab)
     copy_generator = torch.Generator().manual_seed(config.seed + 1)  # its own stream: the corpus batches stay the same
+    factor_generator = torch.Generator().manual_seed(config.seed + 2)  # the same on every rank
 
     def next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if step < config.copy_steps:
@@ -353,8 +378,15 @@ def train(
         return training_batch(train_tokens, config, model_config.context, generator, probe_rng, model_config.tokenizer,
                               copy_ids, copy_generator)
 
+    def next_scaling() -> RopeScaling | None:
+        if not config.yarn_factors:
+            return None
+        factor = config.yarn_factors[int(torch.randint(len(config.yarn_factors), (1,), generator=factor_generator))]
+        return RopeScaling("yarn", float(factor), model_config.context)
+
     for step in range(start_step):  # replay the batch stream, so a resumed run sees the same batches
         next_batch(step)
+        next_scaling()
     # The induction score on repeated random sequences of the corpus's common tokens (not the
     # curriculum's own draws): rare tokens' embeddings are barely trained, by the curriculum or the corpus.
     induction_tokens = copy_ids[repeated_random_tokens(8, min(32, model_config.context // 2), high=config.copy_vocab,
@@ -371,7 +403,8 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         candidates = copy_ids if step < config.copy_steps else None  # the curriculum scores only its own ids
-        loss = ddp_model(x[local], y[local], candidates=candidates).loss
+        with rope_scaling_applied(model, next_scaling()):
+            loss = ddp_model(x[local], y[local], candidates=candidates).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -426,6 +459,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of each corpus-phase batch that stays induction-curriculum rows")
     parser.add_argument("--probe-mix", type=float, default=defaults.probe_mix,
                         help="share of each batch that is synthetic retrieval probes (passkey, key-value, ...)")
+    parser.add_argument("--yarn-factors", nargs="+", type=float, default=list(defaults.yarn_factors),
+                        help="scale-factor augmentation: each step runs YaRN at one of these factors, drawn at random")
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: data/checkpoints/PRESET.pt, or NAME-tuned.pt with --init-from NAME.pt)")
     parser.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint")
@@ -438,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.pop("out") or CHECKPOINT_DIR / f"{default_name}.pt"  # never the starting checkpoint itself
     resume, save_dtype, no_optimizer = args.pop("resume"), args.pop("save_dtype"), args.pop("no_optimizer")
     overrides = {name: args.pop(name) for name in ("context", "rope_scaling", "rope_factor", "rope_original_context", "rope_base")}
-    args["probe_kinds"] = tuple(args["probe_kinds"])
+    args["probe_kinds"], args["yarn_factors"] = tuple(args["probe_kinds"]), tuple(args["yarn_factors"])
     args["init_from"] = None if args["init_from"] is None else str(args["init_from"])
     config = replace(defaults, **args, model_overrides={k: v for k, v in overrides.items() if v is not None})
     command = "python -m minigpt.train " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -497,3 +497,61 @@ def test_command_line_init_from_without_out_never_overwrites_the_starting_checkp
     monkeypatch.setattr(minigpt.train, "CHECKPOINT_DIR", tmp_path)
     config_from_command_line(monkeypatch, ["--init-from", str(tmp_path / "nano-passkey.pt"), "--context", "256"])
     assert (tmp_path / "nano-passkey-tuned.png").exists() and not (tmp_path / "nano-passkey.png").exists()
+
+
+def test_yarn_factor_augmentation_trains_as_yarn_at_that_factor_and_keeps_the_model_plain():
+    augmented, _ = train(replace(TINY, yarn_factors=(8.0,)), progress=False)
+    static, _ = train(replace(TINY, model_overrides={"context": 32, "rope_scaling": "yarn", "rope_factor": 8.0,
+                                                     "rope_original_context": 32}), progress=False)
+    plain, _ = train(TINY, progress=False)
+    for (name, a), b in zip(augmented.state_dict().items(), static.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(augmented.state_dict().values(),
+                                                                    plain.state_dict().values()))
+    assert augmented.config == plain.config and augmented.rotary.scaling == plain.rotary.scaling  # restored
+
+
+def test_yarn_factor_one_is_plain_rope():
+    augmented, _ = train(replace(TINY, yarn_factors=(1.0,)), progress=False)
+    plain, _ = train(TINY, progress=False)
+    for (name, a), b in zip(augmented.state_dict().items(), plain.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_yarn_factors_are_drawn_per_step_from_a_seeded_stream_that_resume_replays(tmp_path, monkeypatch):
+    drawn = []
+    applied = minigpt.train.rope_scaling_applied
+
+    def recording(model, scaling):
+        drawn.append(scaling.factor)
+        return applied(model, scaling)
+
+    monkeypatch.setattr(minigpt.train, "rope_scaling_applied", recording)
+    augmented = replace(TINY, steps=12, yarn_factors=(1.0, 2.0, 4.0))
+    straight, _ = train(augmented, progress=False)
+    assert set(drawn) == {1.0, 2.0, 4.0} and len(drawn) == 12
+    first = list(drawn)
+    drawn.clear()
+    train(replace(augmented, steps=5), out=tmp_path / "half.pt", progress=False)
+    resumed, _ = train(augmented, resume=tmp_path / "half.pt", progress=False)
+    assert drawn == first  # 5 steps, then the 7 after the resume: the same draws in the same order
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"yarn_factors": (0.5,)}, r"each >= 1 and finite; got \(0.5,\)"),
+    ({"yarn_factors": (2.0, math.inf)}, "each >= 1 and finite"),
+    ({"yarn_factors": (2.0,), "model_overrides": {"context": 32, "rope_scaling": "linear", "rope_factor": 2.0,
+                                                   "rope_original_context": 16}},
+     "yarn_factors augments plain RoPE, but this model already uses 'linear'"),
+])
+def test_bad_yarn_factors_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        train(replace(TINY, **change), progress=False)
+
+
+def test_command_line_yarn_factors_reach_the_run(tmp_path, monkeypatch):
+    config = config_from_command_line(monkeypatch, ["--preset", "nano", "--yarn-factors", "1", "4", "16",
+                                                    "--out", str(tmp_path / "y.pt")])
+    assert config.yarn_factors == (1.0, 4.0, 16.0)
