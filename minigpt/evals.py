@@ -366,7 +366,8 @@ def effective_length(lengths: list[int], scores: list[float], margin: float, hig
 
     `reference` replaces the first score as the score to stay near: the unstretched model's score
     at its training length, when `scores` come from a stretched copy. If even the first length
-    falls short of it, no length qualifies and the result is 0.
+    falls short of it, no length qualifies and the result is 0; so too if the reference itself is 0
+    or less (higher is better): a model that fails at its own training length has nothing to keep.
     """
     lengths, scores = list(lengths), [float(score) for score in scores]
     if not lengths or len(lengths) != len(scores):
@@ -379,6 +380,8 @@ def effective_length(lengths: list[int], scores: list[float], margin: float, hig
         raise ValueError(f"margin must be a non-negative number, got {margin!r}")
     if reference is not None and not math.isfinite(reference):
         raise ValueError(f"reference must be a finite number, got {reference!r}")
+    if reference is not None and higher_is_better and reference <= 0:
+        return 0
     first, longest = (scores[0] if reference is None else float(reference)), 0
     for length, score in zip(lengths, scores):
         fall = first - score if higher_is_better else score - first

@@ -573,6 +573,8 @@ def test_effective_length_against_a_reference_score():
     assert effective_length(LENGTHS, scores, 0.05, reference=1.0) == 512
     assert effective_length(LENGTHS, [0.0] * 5, 0.05, reference=1.0) == 0  # fails already at the training length
     assert effective_length(LENGTHS, [0.0] * 5, 0.05) == 4096  # without a reference, 0 stays "within" 0
+    assert effective_length(LENGTHS, [0.0] * 5, 0.05, reference=0.0) == 0  # the model itself fails: nothing to keep
+    assert effective_length(LENGTHS, [0.0] * 5, 0.05, higher_is_better=False, reference=0.0) == 4096  # a loss of 0 is kept
     with pytest.raises(ValueError, match="reference must be a finite number"):
         effective_length(LENGTHS, scores, 0.05, reference=math.nan)
 
