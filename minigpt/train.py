@@ -10,6 +10,10 @@ the gradients, so N processes take exactly the steps one process would take on t
 Validation loss is reported in **bits per byte** of held-out Shakespeare: the model's total
 surprise about the validation text divided by its length in bytes. Unlike loss per token it does
 not depend on the tokenizer, so it compares with character-level and other recipes directly.
+
+Two position tricks prepare a model for long contexts while it trains on short windows (notebook 04,
+section 10): `--yarn-factors` runs each step with YaRN at a random scale factor, and
+`--position-skip` (PoSE) moves every position after a random cut on by a random skip.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -71,6 +76,9 @@ class TrainConfig:
     # Scale-factor augmentation: each step runs YaRN at a factor drawn from these (relative to the
     # training context), so the model cannot lean on the exact speed of its slow pairs.
     yarn_factors: tuple[float, ...] = ()
+    # Positional skip-wise training (PoSE, Zhu et al. 2023): each step, positions jump by a random
+    # skip of 0 to position_skip at a random cut, so short windows show long relative distances.
+    position_skip: int = 0
 
 
 @lru_cache(maxsize=4)
@@ -293,6 +301,40 @@ def rope_scaling_applied(model: GPT, scaling: RopeScaling | None) -> Iterator[No
         model.rotary.scaling = own
 
 
+class SkippedRotary(nn.Module):
+    """A rotary embedding whose positions jump by `skip` after the first `cut` tokens of a sequence.
+
+    The window keeps its length, but keys before the cut look `skip` positions further from the
+    queries after it: PoSE's way to show a model long relative distances in short windows.
+    """
+
+    def __init__(self, rotary: nn.Module, cut: int, skip: int):
+        super().__init__()
+        self.rotary, self.cut, self.skip = rotary, cut, skip
+
+    def forward(self, start: int, length: int, device: torch.device | str | None = None):
+        """cos and sin, each `(length, head_dim // 2)`, for positions `start .. start + cut - 1`, then
+        `start + cut + skip ..`: the inner rotary's rows with the skipped ones left out."""
+        cos, sin = self.rotary(start, length + self.skip, device)
+        cut = min(self.cut, length)
+        kept = torch.cat([torch.arange(cut), torch.arange(cut + self.skip, length + self.skip)])
+        return cos[kept], sin[kept]
+
+
+@contextmanager
+def positions_skipped(model: GPT, cut: int, skip: int) -> Iterator[None]:
+    """Run `model`'s forward passes with its positions jumping by `skip` after `cut` tokens (0: as they are)."""
+    if skip == 0:
+        yield
+        return
+    own = model.rotary
+    model.rotary = SkippedRotary(own, cut, skip)
+    try:
+        yield
+    finally:
+        model.rotary = own
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size), starting the process group when launched by torchrun."""
     if "RANK" not in os.environ:
@@ -332,6 +374,8 @@ def train(
     for name, least in (("copy_steps", 0), ("copy_batch_size", 2), ("copy_length", 2), ("copy_vocab", 2)):
         if getattr(config, name) < least:
             raise ValueError(f"{name} must be at least {least}, got {getattr(config, name)}")
+    if config.position_skip < 0:
+        raise ValueError(f"position_skip is the largest jump in positions, 0 or more; got {config.position_skip}")
     if any(not 1 <= factor < math.inf for factor in config.yarn_factors):
         raise ValueError(f"yarn_factors are YaRN scale factors, each >= 1 and finite; got {config.yarn_factors}")
     rank, world = _distributed()
@@ -371,6 +415,7 @@ def train(
     copy_ids = most_common_tokens(train_tokens, config.copy_vocab)
     copy_generator = torch.Generator().manual_seed(config.seed + 1)  # its own stream: the corpus batches stay the same
     factor_generator = torch.Generator().manual_seed(config.seed + 2)  # the same on every rank
+    skip_generator = torch.Generator().manual_seed(config.seed + 3)
 
     def next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if step < config.copy_steps:
@@ -384,9 +429,16 @@ def train(
         factor = config.yarn_factors[int(torch.randint(len(config.yarn_factors), (1,), generator=factor_generator))]
         return RopeScaling("yarn", float(factor), model_config.context)
 
+    def next_skip() -> tuple[int, int]:
+        if not config.position_skip:
+            return 0, 0
+        cut = int(torch.randint(1, model_config.context, (1,), generator=skip_generator))
+        return cut, int(torch.randint(config.position_skip + 1, (1,), generator=skip_generator))
+
     for step in range(start_step):  # replay the batch stream, so a resumed run sees the same batches
         next_batch(step)
         next_scaling()
+        next_skip()
     # The induction score on repeated random sequences of the corpus's common tokens (not the
     # curriculum's own draws): rare tokens' embeddings are barely trained, by the curriculum or the corpus.
     induction_tokens = copy_ids[repeated_random_tokens(8, min(32, model_config.context // 2), high=config.copy_vocab,
@@ -403,7 +455,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         candidates = copy_ids if step < config.copy_steps else None  # the curriculum scores only its own ids
-        with rope_scaling_applied(model, next_scaling()):
+        with rope_scaling_applied(model, next_scaling()), positions_skipped(model, *next_skip()):
             loss = ddp_model(x[local], y[local], candidates=candidates).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -461,6 +513,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of each batch that is synthetic retrieval probes (passkey, key-value, ...)")
     parser.add_argument("--yarn-factors", nargs="+", type=float, default=list(defaults.yarn_factors),
                         help="scale-factor augmentation: each step runs YaRN at one of these factors, drawn at random")
+    parser.add_argument("--position-skip", type=int, default=defaults.position_skip,
+                        help="PoSE: each step, positions jump by a random 0 to this many at a random cut")
     parser.add_argument("--out", type=Path, default=None,
                         help="checkpoint path (default: data/checkpoints/PRESET.pt, or NAME-tuned.pt with --init-from NAME.pt)")
     parser.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint")

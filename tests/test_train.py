@@ -13,9 +13,11 @@ import torch.nn.functional as F
 
 from minigpt import data
 from minigpt.model import GPT, GPTConfig
+from minigpt.positions import RotaryEmbedding
 import minigpt.train
 from minigpt.train import (
     SAVE_DTYPES,
+    SkippedRotary,
     TrainConfig,
     bits_per_byte,
     corpus_tokens,
@@ -24,6 +26,7 @@ from minigpt.train import (
     load_tokenizer,
     main,
     most_common_tokens,
+    positions_skipped,
     probe_size_limits,
     probe_window,
     sample_batch,
@@ -555,3 +558,58 @@ def test_command_line_yarn_factors_reach_the_run(tmp_path, monkeypatch):
     config = config_from_command_line(monkeypatch, ["--preset", "nano", "--yarn-factors", "1", "4", "16",
                                                     "--out", str(tmp_path / "y.pt")])
     assert config.yarn_factors == (1.0, 4.0, 16.0)
+
+
+def test_skipped_rotary_leaves_out_the_skipped_positions():
+    rotary = RotaryEmbedding(16)
+    cos, sin = SkippedRotary(rotary, cut=3, skip=5)(0, 8)
+    full_cos, full_sin = rotary(0, 13)
+    kept = [0, 1, 2, 8, 9, 10, 11, 12]  # positions 0..2, then 3 + 5 onwards
+    assert torch.equal(cos, full_cos[kept]) and torch.equal(sin, full_sin[kept])
+    cos, _ = SkippedRotary(rotary, cut=10, skip=5)(0, 8)  # a cut past the end: nothing moves
+    assert torch.equal(cos, rotary(0, 8)[0])
+
+
+def test_a_skip_moves_keys_before_the_cut_further_from_queries_after_it():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(context=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=16)).eval()
+    tokens = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        plain = model(tokens).logits
+        with positions_skipped(model, cut=4, skip=0):
+            assert torch.equal(model(tokens).logits, plain)
+        with positions_skipped(model, cut=4, skip=7):
+            skipped = model(tokens).logits
+    assert type(model.rotary).__name__ == "RotaryEmbedding"  # restored
+    assert torch.allclose(skipped[:, :4], plain[:, :4], atol=1e-6)  # before the cut nothing changes
+    assert not torch.allclose(skipped[:, 4:], plain[:, 4:], atol=1e-4)
+
+
+def test_position_skip_is_drawn_per_step_from_a_seeded_stream_that_resume_replays(tmp_path, monkeypatch):
+    drawn = []
+    skipped = minigpt.train.positions_skipped
+
+    def recording(model, cut, skip):
+        drawn.append((cut, skip))
+        return skipped(model, cut, skip)
+
+    monkeypatch.setattr(minigpt.train, "positions_skipped", recording)
+    config = replace(TINY, steps=8, position_skip=50)
+    straight, _ = train(config, progress=False)
+    assert len(drawn) == 8 and all(1 <= cut < 32 and 0 <= skip <= 50 for cut, skip in drawn)
+    assert len({skip for _, skip in drawn}) > 1
+    first = list(drawn)
+    drawn.clear()
+    train(replace(config, steps=3), out=tmp_path / "half.pt", progress=False)
+    resumed, _ = train(config, resume=tmp_path / "half.pt", progress=False)
+    assert drawn == first
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_bad_position_skip_is_refused_and_the_flag_reaches_the_run(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="position_skip is the largest jump in positions, 0 or more; got -1"):
+        train(replace(TINY, position_skip=-1), progress=False)
+    config = config_from_command_line(monkeypatch, ["--preset", "nano", "--position-skip", "1920",
+                                                    "--out", str(tmp_path / "p.pt")])
+    assert config.position_skip == 1920
