@@ -317,8 +317,7 @@ class SkippedRotary(nn.Module):
         `start + cut + skip ..`: the inner rotary's rows with the skipped ones left out."""
         cos, sin = self.rotary(start, length + self.skip, device)
         cut = min(self.cut, length)
-        kept = torch.cat([torch.arange(cut), torch.arange(cut + self.skip, length + self.skip)])
-        return cos[kept], sin[kept]
+        return torch.cat([cos[:cut], cos[cut + self.skip:]]), torch.cat([sin[:cut], sin[cut + self.skip:]])
 
 
 @contextmanager
