@@ -45,9 +45,10 @@ class GPTConfig:
     tie_embeddings: bool = True  # share the input embedding with the output projection
     norm_eps: float = 1e-5
     tokenizer: str = "minigpt-8k"  # the rank file in data/tokenizer/ that the ids come from
+    attention_chunk: int = 256  # query/key block of attention_impl="chunked" (no weights; a GPU wants larger blocks)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context", "n_layer", "n_head", "n_kv_head", "n_embd"):
+        for name in ("vocab_size", "context", "n_layer", "n_head", "n_kv_head", "n_embd", "attention_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 0:
@@ -115,6 +116,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.chunk_size = config.attention_chunk
         self.query = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
         self.key_value = nn.Linear(config.n_embd, 2 * config.n_kv_head * config.head_dim, bias=False)
         self.out = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
@@ -142,7 +144,7 @@ class CausalSelfAttention(nn.Module):
         elif impl == "explicit":
             y = attention(q, k, v)
         else:  # "chunked", the last of ATTENTION_IMPLS (checked by GPT.forward_embeddings)
-            y = chunked_attention(q, k, v)
+            y = chunked_attention(q, k, v, chunk_size=self.chunk_size)
         return self.out(rearrange(y, "b h t d -> b t (h d)")), weights
 
 

@@ -212,13 +212,14 @@ def bits_per_byte(model: GPT, tokens: torch.Tensor, byte_lengths: torch.Tensor, 
         n_windows = min(n_windows, max_windows)
     was_training = model.training
     model.eval()
+    device = model.token_embedding.weight.device
     total_nats, total_bytes = 0.0, 0
     for start in range(0, n_windows, 16):
         rows = range(start, min(start + 16, n_windows))
         x = torch.stack([tokens[r * context : (r + 1) * context] for r in rows])
         y = torch.stack([tokens[r * context + 1 : (r + 1) * context + 1] for r in rows])
-        logits = model(x).logits
-        total_nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        logits = model(x.to(device)).logits
+        total_nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
         total_bytes += byte_lengths[y].sum().item()
     model.train(was_training)
     return total_nats / math.log(2) / total_bytes
@@ -242,7 +243,7 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cast: dict[int, torch.Tensor] = {}  # by storage, so tied weights stay one tensor in the file
-    weights = {name: cast.setdefault(tensor.data_ptr(), tensor.to(SAVE_DTYPES[dtype]))
+    weights = {name: cast.setdefault(tensor.data_ptr(), tensor.to(device="cpu", dtype=SAVE_DTYPES[dtype]))
                for name, tensor in model.state_dict().items()}
     checkpoint = {
         "model": weights,
@@ -334,20 +335,31 @@ def positions_skipped(model: GPT, cut: int, skip: int) -> Iterator[None]:
         model.rotary = own
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), starting the process group when launched by torchrun."""
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size), starting the process group when launched by torchrun: nccl for CUDA, else gloo."""
     if "RANK" not in os.environ:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
-def _any_rank(flag: bool, world: int) -> bool:
+def training_device(name: str) -> torch.device:
+    """The device this process trains on: "cpu", or "cuda" (under torchrun, the GPU of its LOCAL_RANK)."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here; train with device 'cpu'")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
     """True if `flag` is true on any process, so that all stop at the same step."""
     if world == 1:
         return flag
-    flag_tensor = torch.tensor([int(flag)])
+    flag_tensor = torch.tensor([int(flag)], device=device)
     dist.all_reduce(flag_tensor, op=dist.ReduceOp.MAX)
     return bool(flag_tensor.item())
 
@@ -355,9 +367,12 @@ def _any_rank(flag: bool, world: int) -> bool:
 def train(
     config: TrainConfig, out: Path | None = None, resume: Path | None = None, progress: bool = True,
     on_step: Callable[[dict], None] | None = None, save_dtype: str = "float32", save_optimizer: bool = True,
-    command: str = "",
+    command: str = "", device: str = "cpu",
 ) -> tuple[GPT, dict]:
     """Train a model as `config` says; returns it and its history (steps, losses, bits per byte, seconds).
+
+    `device` "cuda" trains on a GPU (each torchrun process on its own); batches are drawn on the CPU
+    from the same seeded streams either way, so only floating-point rounding differs.
 
     `on_step(history)` is called after every step on rank 0 (the notebook draws its live loss plot
     with it). `save_dtype`, `save_optimizer` and `command` go to `save_checkpoint` when `out` is given.
@@ -377,7 +392,8 @@ def train(
         raise ValueError(f"position_skip is the largest jump in positions, 0 or more; got {config.position_skip}")
     if any(not 1 <= factor < math.inf for factor in config.yarn_factors):
         raise ValueError(f"yarn_factors are YaRN scale factors, each >= 1 and finite; got {config.yarn_factors}")
-    rank, world = _distributed()
+    device = training_device(device)
+    rank, world = _distributed(device)
     for name in ("batch_size", "copy_batch_size"):
         if getattr(config, name) % world:
             raise ValueError(f"{name} ({getattr(config, name)}) must be divisible by the number of processes ({world})")
@@ -385,7 +401,7 @@ def train(
     model = starting_model(config)
     model_config = model.config
     if resume is not None:  # the same config, with the resumed run's weights and optimizer
-        model, checkpoint = load_checkpoint(resume)
+        model, checkpoint = load_checkpoint(resume, device)
         if model.config != model_config:
             raise ValueError(f"{resume} holds a model of config {model.config}, not the {model_config} asked for")
         if "optimizer" not in checkpoint:
@@ -395,6 +411,7 @@ def train(
                          f"(factor {model_config.rope_factor})")
     if config.copy_steps and config.copy_length > model_config.context:
         raise ValueError(f"copy_length ({config.copy_length}) must fit the context ({model_config.context})")
+    model.to(device)
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": config.weight_decay},
          {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
@@ -405,13 +422,17 @@ def train(
     if resume is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_step, history = checkpoint["step"], {**history, **json.loads(checkpoint["history"])}
-    ddp_model = DistributedDataParallel(model) if world > 1 else model
+    if world > 1:
+        ddp_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    else:
+        ddp_model = model
 
     train_tokens, val_tokens = corpus_tokens("train", model_config.tokenizer), corpus_tokens("val", model_config.tokenizer)
     byte_lengths = token_byte_lengths(load_tokenizer(model_config.tokenizer))
     generator = torch.Generator().manual_seed(config.seed)
     probe_rng = random.Random(config.seed)
     copy_ids = most_common_tokens(train_tokens, config.copy_vocab)
+    copy_ids_here = copy_ids.to(device)  # the curriculum's output ids, where the logits are
     copy_generator = torch.Generator().manual_seed(config.seed + 1)  # its own stream: the corpus batches stay the same
     factor_generator = torch.Generator().manual_seed(config.seed + 2)  # the same on every rank
     skip_generator = torch.Generator().manual_seed(config.seed + 3)
@@ -441,7 +462,7 @@ def train(
     # The induction score on repeated random sequences of the corpus's common tokens (not the
     # curriculum's own draws): rare tokens' embeddings are barely trained, by the curriculum or the corpus.
     induction_tokens = copy_ids[repeated_random_tokens(8, min(32, model_config.context // 2), high=config.copy_vocab,
-                                                       seed=10**6)]
+                                                       seed=10**6)].to(device)
 
     total_steps = config.copy_steps + config.steps
     elapsed = history["seconds"][-1] if history["seconds"] else 0.0
@@ -453,9 +474,9 @@ def train(
         local = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        candidates = copy_ids if step < config.copy_steps else None  # the curriculum scores only its own ids
+        candidates = copy_ids_here if step < config.copy_steps else None  # the curriculum scores only its own ids
         with rope_scaling_applied(model, next_scaling()), positions_skipped(model, *next_skip()):
-            loss = ddp_model(x[local], y[local], candidates=candidates).loss
+            loss = ddp_model(x[local].to(device), y[local].to(device), candidates=candidates).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -464,7 +485,7 @@ def train(
         history["step"].append(step + 1)
         history["train_loss"].append(loss.item())
         history["seconds"].append(seconds)
-        out_of_time = config.time_budget is not None and _any_rank(seconds >= config.time_budget, world)
+        out_of_time = config.time_budget is not None and _any_rank(seconds >= config.time_budget, world, device)
         last = step + 1 == total_steps or out_of_time
         if rank == 0 and ((step + 1) % config.eval_every == 0 or last):
             bpb = bits_per_byte(model, val_tokens, byte_lengths, None if last else config.eval_windows)
@@ -521,16 +542,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="precision of the saved weights (float16 halves the file)")
     parser.add_argument("--no-optimizer", action="store_true",
                         help="save the weights only: a small file for inference that cannot be resumed")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="train on the CPU (default) or a CUDA GPU (with torchrun, one GPU per process)")
     args = vars(parser.parse_args(argv))
     default_name = args["preset"] if args["init_from"] is None else f"{args['init_from'].stem}-tuned"
     out = args.pop("out") or CHECKPOINT_DIR / f"{default_name}.pt"  # never the starting checkpoint itself
     resume, save_dtype, no_optimizer = args.pop("resume"), args.pop("save_dtype"), args.pop("no_optimizer")
+    device = args.pop("device")
     overrides = {name: args.pop(name) for name in ("context", "rope_scaling", "rope_factor", "rope_original_context", "rope_base")}
     args["probe_kinds"], args["yarn_factors"] = tuple(args["probe_kinds"]), tuple(args["yarn_factors"])
     args["init_from"] = None if args["init_from"] is None else str(args["init_from"])
     config = replace(defaults, **args, model_overrides={k: v for k, v in overrides.items() if v is not None})
     command = "python -m minigpt.train " + " ".join(sys.argv[1:] if argv is None else argv)
-    _, history = train(config, out, resume, save_dtype=save_dtype, save_optimizer=not no_optimizer, command=command)
+    _, history = train(config, out, resume, save_dtype=save_dtype, save_optimizer=not no_optimizer, command=command,
+                       device=device)
     if int(os.environ.get("RANK", 0)) == 0:
         from minigpt.viz import plot_training
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import minigpt.model
 from minigpt.positions import RopeScaling
 from minigpt.model import (
     GPT,
@@ -246,6 +247,19 @@ def test_attention_implementations_agree(n_kv_head):
         logits = {impl: model(ids, attention_impl=impl).logits for impl in IMPLS}
     torch.testing.assert_close(logits["explicit"], logits["sdpa"], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits["chunked"], logits["sdpa"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1024])
+def test_the_chunked_path_uses_the_configured_block_and_agrees_with_sdpa(chunk, monkeypatch):
+    model = small_model(context=320, attention_chunk=chunk)
+    ids = random_ids(2, 100)
+    seen = []
+    real = minigpt.model.chunked_attention
+    monkeypatch.setattr(minigpt.model, "chunked_attention", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    with torch.no_grad():
+        chunked, sdpa = (model(ids, attention_impl=impl).logits for impl in ("chunked", "sdpa"))
+    assert seen and all(kw["chunk_size"] == chunk for kw in seen)
+    torch.testing.assert_close(chunked, sdpa, rtol=0, atol=1e-5)
 
 
 def test_return_attention_gives_causal_probabilities_per_layer():
@@ -493,6 +507,7 @@ def test_unknown_preset_lists_the_choices():
         (dict(n_kv_head=0), r"n_kv_head must be a positive integer"),
         (dict(n_embd=-32), r"n_embd must be a positive integer"),
         (dict(n_embd=32.0), r"n_embd must be a positive integer, got 32.0"),
+        (dict(attention_chunk=0), r"attention_chunk must be a positive integer, got 0"),
     ],
 )
 def test_invalid_configs_are_refused(overrides, message):

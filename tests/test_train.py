@@ -34,6 +34,7 @@ from minigpt.train import (
     save_checkpoint,
     token_byte_lengths,
     train,
+    training_device,
 )
 
 # A small, fast run: the nano preset with a short context, a few steps, no periodic evaluation.
@@ -117,7 +118,7 @@ def test_corrupt_or_missing_checkpoint_gives_a_clear_error(tmp_path):
 
 
 def test_batch_size_must_split_across_processes(monkeypatch):
-    monkeypatch.setattr("minigpt.train._distributed", lambda: (0, 3))
+    monkeypatch.setattr("minigpt.train._distributed", lambda device: (0, 3))
     with pytest.raises(ValueError, match=r"batch_size \(4\) must be divisible by the number of processes \(3\)"):
         train(TINY, progress=False)
 
@@ -613,3 +614,45 @@ def test_bad_position_skip_is_refused_and_the_flag_reaches_the_run(tmp_path, mon
     config = config_from_command_line(monkeypatch, ["--preset", "nano", "--position-skip", "1920",
                                                     "--out", str(tmp_path / "p.pt")])
     assert config.position_skip == 1920
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on a GPU
+
+def test_training_device_names_cpu_or_cuda_and_refuses_others():
+    assert training_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
+        training_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="PyTorch sees no CUDA GPU here"):
+            train(TINY, progress=False, device="cuda")
+
+
+def test_command_line_device_reaches_the_run(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_train(config, out, resume, **kwargs):
+        seen.update(kwargs)
+        return None, {"step": [1], "train_loss": [9.0], "val_step": [1], "val_bpb": [3.0], "seconds": [0.1]}
+
+    monkeypatch.setattr(minigpt.train, "train", fake_train)
+    main(["--preset", "nano", "--device", "cuda", "--out", str(tmp_path / "g.pt")])
+    assert seen["device"] == "cuda"
+    main(["--preset", "nano", "--out", str(tmp_path / "c.pt")])
+    assert seen["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a machine that has one)")
+def test_cuda_training_takes_the_cpu_steps_and_saves_a_cpu_checkpoint(tmp_path):
+    """The same seeded batches on the GPU: the weights match the CPU run's up to float rounding."""
+    config = replace(TINY, copy_steps=2, copy_batch_size=4, copy_length=8, probe_mix=0.5)
+    on_cpu, _ = train(config, progress=False)
+    on_gpu, history = train(config, out=tmp_path / "gpu.pt", progress=False, device="cuda")
+    assert next(on_gpu.parameters()).is_cuda
+    for (name, a), b in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values()):
+        assert torch.allclose(a, b.cpu(), atol=1e-4), name
+    saved = torch.load(tmp_path / "gpu.pt", weights_only=True)["model"]  # no map_location: tensors land where saved
+    assert not any(tensor.is_cuda for tensor in saved.values())  # CPU tensors: the file loads on a machine with no GPU
+    loaded, _ = load_checkpoint(tmp_path / "gpu.pt")
+    for (name, a), b in zip(loaded.state_dict().items(), on_gpu.state_dict().values()):
+        assert torch.equal(a, b.cpu()), name
