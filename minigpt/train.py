@@ -401,7 +401,7 @@ def train(
     model = starting_model(config)
     model_config = model.config
     if resume is not None:  # the same config, with the resumed run's weights and optimizer
-        model, checkpoint = load_checkpoint(resume, device)
+        model, checkpoint = load_checkpoint(resume)
         if model.config != model_config:
             raise ValueError(f"{resume} holds a model of config {model.config}, not the {model_config} asked for")
         if "optimizer" not in checkpoint:
