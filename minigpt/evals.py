@@ -22,7 +22,8 @@ memory linear in the sequence length".
 Long-context probes. The probes of `minigpt.data` (a passkey in filler, keys and values, a
 variable chain, the most frequent word, multi-round coreference) are scored by exact match:
 `answers_correct` asks whether greedy decoding would produce the answer's tokens, from one
-teacher-forced pass per probe. `fit_probe` sizes a probe to a token budget, `loss_by_position`
+teacher-forced pass per probe, and `answer_token_accuracy` says at which answer token a model goes
+wrong. `fit_probe` sizes a probe to a token budget, `loss_by_position`
 gives the loss curve along the context, and `effective_length` reads off how far a model's score
 holds up past its training length.
 """
@@ -264,18 +265,9 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def answers_correct(model: GPT, tokenizer, probes: list[Probe], batch_size: int = 8) -> list[bool]:
-    """For each probe, whether the model's greedy continuation of the prompt is exactly the answer
-    (token for token), from one teacher-forced forward pass per probe.
-
-    Why one pass is enough: greedy decoding appends the argmax of the logits at the last position,
-    one token at a time. Feed the model the prompt followed by the true answer (teacher forcing)
-    and read the argmax at each position that predicts an answer token. If all of them equal the
-    answer tokens, greedy decoding would have produced exactly those tokens, since at every step
-    its input would have been the very prefix fed here. If one differs, greedy decoding, which
-    sees the same prefix up to the first such position, picks a different token there and the
-    answer is missed. So the two agree, whatever the model (up to floating-point rounding between
-    a full pass and a KV-cached one, which only matters at near ties).
+def answer_predictions(model: GPT, tokenizer, probes: list[Probe], batch_size: int = 8) -> list[tuple[list[int], list[int]]]:
+    """For each probe, the model's argmax at every answer position with the true answer fed in
+    (teacher forcing), and the answer's token ids: `(predicted, answer)`, two lists of equal length.
 
     Probes are batched only with probes of the same token length, so no padding is needed; each
     batch of `batch_size` holds `batch_size * length * vocab` logits in memory. A probe longer than
@@ -296,7 +288,7 @@ def answers_correct(model: GPT, tokenizer, probes: list[Probe], batch_size: int 
             )
         by_length.setdefault(length, []).append(i)
     device = _device(model)
-    correct = [False] * len(probes)
+    results: list[tuple[list[int], list[int]]] = [([], [])] * len(probes)
     was_training = model.training
     model.eval()
     try:
@@ -308,10 +300,38 @@ def answers_correct(model: GPT, tokenizer, probes: list[Probe], batch_size: int 
                 predicted = model(ids[:, :-1]).logits.argmax(dim=-1).tolist()  # (B, length - 1)
                 for row, i in zip(predicted, batch):
                     prompt, answer = encoded[i]
-                    correct[i] = row[len(prompt) - 1 :] == answer
+                    results[i] = (row[len(prompt) - 1 :], answer)
     finally:
         model.train(was_training)
-    return correct
+    return results
+
+
+def answers_correct(model: GPT, tokenizer, probes: list[Probe], batch_size: int = 8) -> list[bool]:
+    """For each probe, whether the model's greedy continuation of the prompt is exactly the answer
+    (token for token), from one teacher-forced forward pass per probe (`answer_predictions`).
+
+    Why one pass is enough: greedy decoding appends the argmax of the logits at the last position,
+    one token at a time. Feed the model the prompt followed by the true answer (teacher forcing)
+    and read the argmax at each position that predicts an answer token. If all of them equal the
+    answer tokens, greedy decoding would have produced exactly those tokens, since at every step
+    its input would have been the very prefix fed here. If one differs, greedy decoding, which
+    sees the same prefix up to the first such position, picks a different token there and the
+    answer is missed. So the two agree, whatever the model (up to floating-point rounding between
+    a full pass and a KV-cached one, which only matters at near ties).
+    """
+    return [predicted == answer for predicted, answer in answer_predictions(model, tokenizer, probes, batch_size)]
+
+
+def answer_token_accuracy(model: GPT, tokenizer, probes: list[Probe], batch_size: int = 8) -> list[float]:
+    """The share of probes whose teacher-forced argmax is right at each answer position: where an
+    answer goes wrong. For a key-value answer " 0481" (tokens " ", "0", "4", "8", "1"), the first
+    digit is the lookup, the later ones the copy that follows it. The answers must all have the
+    same number of tokens."""
+    pairs = answer_predictions(model, tokenizer, probes, batch_size)
+    sizes = {len(answer) for _, answer in pairs}
+    if len(sizes) > 1:
+        raise ValueError(f"answers must all have the same number of tokens to be scored by position, got {sorted(sizes)}")
+    return [sum(predicted[i] == answer[i] for predicted, answer in pairs) / len(pairs) for i in range(sizes.pop())]
 
 
 def answer_accuracy(model: GPT, tokenizer, probes: list[Probe], batch_size: int = 8) -> float:

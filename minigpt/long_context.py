@@ -12,7 +12,8 @@ scheme (`minigpt.positions`), with no change to its weights and no fine-tuning, 
 - **loss by position** on held-out Shakespeare, out to the longest length.
 
 Each scheme's **effective length** is the longest length whose passkey accuracy stays within 5
-points of the loaded model's own accuracy at its training length (0 if even 1x falls short).
+points of the loaded model's own accuracy at its training length (0 if even 1x falls short); each
+other probe gets one the same way, against the loaded model's accuracy on that probe.
 
 Static schemes (PI, NTK, YaRN) use one scale factor, the longest multiple, at every length, as a
 deployed model would; dynamic NTK sets its own from each input's length. Results go to a JSON file
@@ -105,16 +106,23 @@ def loss_by_multiple(model: GPT, tokens: torch.Tensor, length: int, multiples: l
 
 
 def evaluate(model: GPT, schemes=SCHEMES, multiples=MULTIPLES, n: int = 10, seed: int = 0,
-             n_windows: int = 16, progress: bool = True) -> dict:
-    """Every scheme at every multiple of the training length: the dictionary the JSON file holds."""
+             n_windows: int = 16, progress: bool = True, other_n: int | None = None) -> dict:
+    """Every scheme at every multiple of the training length: the dictionary the JSON file holds.
+
+    `n` passkey probes per (length, depth) cell; `other_n` (default `n`) probes of each other kind
+    per length."""
+    other_n = n if other_n is None else other_n
     tokenizer = load_tokenizer(model.config.tokenizer)
     original = training_context(model)
     lengths = [original * m for m in multiples]
     val_tokens = corpus_tokens("val", model.config.tokenizer)
     results = {"training_context": original, "multiples": list(multiples), "lengths": lengths,
-               "depths": list(DEPTHS), "probes_per_cell": n, "seed": seed, "schemes": {}}
-    if n > 0:  # the model as loaded, at its training length: the score a stretched copy should keep
+               "depths": list(DEPTHS), "probes_per_cell": n, "other_probes_per_length": other_n, "seed": seed,
+               "schemes": {}}
+    if n > 0:  # the model as loaded, at its training length: the scores a stretched copy should keep
         results["reference_passkey"] = sum(passkey_grid(model, tokenizer, [original], n=n, seed=seed)[0]) / len(DEPTHS)
+        results["reference_probes"] = {kind: _probe_accuracy(model, tokenizer, kind, original, other_n, seed)
+                                       for kind in OTHER_PROBES}
     for scheme in tqdm(schemes, desc="schemes", disable=not progress):
         stretched = stretch(model, scheme, max(multiples))
         start = time.perf_counter()
@@ -122,13 +130,17 @@ def evaluate(model: GPT, schemes=SCHEMES, multiples=MULTIPLES, n: int = 10, seed
         if n > 0:  # n = 0: the loss only, for a model that cannot retrieve yet
             grid = passkey_grid(stretched, tokenizer, lengths, n=n, seed=seed)
             passkey = [sum(cells) / len(cells) for cells in grid]
+            probes = {kind: [_probe_accuracy(stretched, tokenizer, kind, length, other_n, seed) for length in lengths]
+                      for kind in OTHER_PROBES}
             row |= {
                 "passkey_by_depth": grid,
                 "passkey": passkey,
-                "probes": {kind: [_probe_accuracy(stretched, tokenizer, kind, length, n, seed) for length in lengths]
-                           for kind in OTHER_PROBES},
+                "probes": probes,
                 "effective_length": evals.effective_length(lengths, passkey, margin=0.05,
                                                            reference=results["reference_passkey"]),
+                "probe_effective_length": {kind: _probe_effective_length(lengths, probes[kind],
+                                                                         results["reference_probes"][kind])
+                                           for kind in OTHER_PROBES},
             }
         results["schemes"][scheme] = row | {"seconds": time.perf_counter() - start}
     return results
@@ -143,6 +155,14 @@ def _probe_accuracy(model: GPT, tokenizer, kind: str, length: int, n: int, seed:
     return evals.answer_accuracy(model, tokenizer, probes, batch_size=4)
 
 
+def _probe_effective_length(lengths: list[int], accuracies: list[float | None], reference: float | None) -> int | None:
+    """The effective length for one probe kind (5-point margin), or None where the probe does not
+    fit the training length, so there is no score at it to keep."""
+    if reference is None or None in accuracies:
+        return None
+    return evals.effective_length(lengths, accuracies, margin=0.05, reference=reference)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: `python -m minigpt.long_context evaluate --checkpoint PATH [--out PATH]`."""
     parser = argparse.ArgumentParser(prog="python -m minigpt.long_context", description=__doc__,
@@ -152,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--checkpoint", type=Path, required=True)
     run.add_argument("--out", type=Path, default=None, help="default: data/long_context/<checkpoint name>.json")
     run.add_argument("--probes", type=int, default=10, help="probes per cell (length, depth); 0 measures the loss only")
+    run.add_argument("--other-probes", type=int, default=None,
+                     help="probes of each other kind (key-value, ...) per length (default: --probes)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     run.add_argument("--multiples", nargs="+", type=int, default=list(MULTIPLES),
@@ -159,7 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     model, _ = load_checkpoint(args.checkpoint)
-    results = evaluate(model, args.schemes, sorted(args.multiples), n=args.probes, seed=args.seed)
+    if args.other_probes is not None and args.other_probes < 1:
+        parser.error(f"--other-probes must be at least 1, got {args.other_probes}")
+    results = evaluate(model, args.schemes, sorted(args.multiples), n=args.probes, seed=args.seed,
+                       other_n=args.other_probes)
     results["checkpoint"] = str(args.checkpoint)
     results["command"] = "python -m minigpt.long_context " + " ".join(sys.argv[1:] if argv is None else argv)
     out = args.out or RESULTS_DIR / f"{args.checkpoint.stem}.json"
@@ -171,6 +196,11 @@ def main(argv: list[str] | None = None) -> None:
         if "passkey" in r:
             cells = "  ".join(f"{m}x {a:.2f}" for m, a in zip(results["multiples"], r["passkey"]))
             print(f"{'':<12} passkey {cells}   effective length {r['effective_length']}")
+            for kind, accuracies in r["probes"].items():
+                if any(accuracies):  # the kinds this model answers at some length
+                    cells = "  ".join(f"{m}x {'-' if a is None else f'{a:.2f}'}"
+                                      for m, a in zip(results["multiples"], accuracies))
+                    print(f"{'':<12} {kind} {cells}   effective length {r['probe_effective_length'][kind]}")
     print(f"results -> {out}")
 
 

@@ -14,6 +14,7 @@ from minigpt.data import PASSKEY_FILLER, PROBE_KINDS, Probe, make_probe, passkey
 from minigpt.evals import (
     HEAD_KINDS,
     answer_accuracy,
+    answer_token_accuracy,
     answers_correct,
     attention_cost,
     best_heads,
@@ -437,6 +438,28 @@ def test_a_perfect_model_scores_one_and_a_wrong_digit_scores_zero(tokenizer):
     # A mistake in the prompt, before the answer, does not count.
     in_prompt = OracleModel(sequences, wrong_after=[sequences[0][:5]])
     assert answers_correct(in_prompt, tokenizer, probes) == [True] * 6
+
+
+def test_answer_token_accuracy_finds_the_answer_token_that_goes_wrong(tokenizer):
+    # Four-digit answers, each " " then four digits, from probes of two kinds and several lengths.
+    probes = [passkey_probe(random.Random(0), 0), passkey_probe(random.Random(1), 0),
+              make_probe("kv", random.Random(2), 1), make_probe("kv", random.Random(3), 2)]
+    sequences = [full_ids(tokenizer, probe) for probe in probes]
+    assert {len(probe_ids(tokenizer, probe)[1]) for probe in probes} == {5}
+    assert answer_token_accuracy(OracleModel(sequences, context=128), tokenizer, probes) == [1.0] * 5
+    # Probe 0's model misses the first digit and probe 1's the third; with the true answer fed in,
+    # each goes on right after its miss.
+    wrong_after = [sequences[i][: len(probe_ids(tokenizer, probes[i])[0]) + offset] for i, offset in ((0, 1), (1, 3))]
+    wrong = OracleModel(sequences, context=128, wrong_after=wrong_after)
+    assert answer_token_accuracy(wrong, tokenizer, probes, batch_size=3) == [1.0, 0.75, 1.0, 0.75, 1.0]
+    assert answer_accuracy(wrong, tokenizer, probes) == 0.5
+
+
+def test_answer_token_accuracy_refuses_answers_of_different_token_lengths(tokenizer):
+    probes = [passkey_probe(random.Random(0), 2, digits=4), passkey_probe(random.Random(0), 2, digits=6)]
+    model = OracleModel([full_ids(tokenizer, probe) for probe in probes], context=256)
+    with pytest.raises(ValueError, match="same number of tokens to be scored by position, got \\[5, 7\\]"):
+        answer_token_accuracy(model, tokenizer, probes)
 
 
 def test_the_first_and_last_answer_tokens_matter(tokenizer):

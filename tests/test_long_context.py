@@ -102,9 +102,16 @@ def test_evaluate_command_writes_every_scheme_and_the_command(tmp_path, tiny, ca
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(checkpoint, tiny, None, 0, TrainConfig(), {"step": []})
     out = tmp_path / "results.json"
-    main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(out), "--probes", "1",
+    main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(out), "--probes", "1", "--other-probes", "2",
           "--schemes", "rope", "yarn", "--multiples", "1", "2"])
     results = json.loads(out.read_text())
+    assert results["probes_per_cell"] == 1 and results["other_probes_per_length"] == 2
+    references = results["reference_probes"]
+    assert set(references) == {"kv", "variable-chain", "frequent-word", "mrcr"}
+    # No score at the 64-token training length, so nothing to keep: the variable chain and the toy
+    # MRCR need more tokens than that (the MRCR fits at 2x, the chain at neither).
+    assert references["variable-chain"] is None and references["mrcr"] is None
+    assert all(references[kind] in (0, 0.5, 1) for kind in ("kv", "frequent-word"))  # 2 probes each
     assert results["command"].startswith("python -m minigpt.long_context evaluate --checkpoint")
     assert results["lengths"] == [CONTEXT, 2 * CONTEXT] and results["training_context"] == CONTEXT
     assert set(results["schemes"]) == {"rope", "yarn"}
@@ -116,9 +123,23 @@ def test_evaluate_command_writes_every_scheme_and_the_command(tmp_path, tiny, ca
         assert len(r["loss_by_multiple"]) == 2 and r["effective_length"] in [0, *results["lengths"]]
         assert r["effective_length"] == evals.effective_length(results["lengths"], r["passkey"], 0.05,
                                                                reference=results["reference_passkey"])
+        assert r["probe_effective_length"]["variable-chain"] is None and r["probe_effective_length"]["mrcr"] is None
+        assert r["probes"]["mrcr"][0] is None and r["probes"]["mrcr"][1] in (0, 0.5, 1)
+        for kind in ("kv", "frequent-word"):
+            assert all(a in (0, 0.5, 1) for a in r["probes"][kind])
+            assert r["probe_effective_length"][kind] == evals.effective_length(
+                results["lengths"], r["probes"][kind], 0.05, reference=references[kind])
     assert 0 <= results["reference_passkey"] <= 1
     assert "yarn" in capsys.readouterr().out
 
+
+
+def test_evaluate_refuses_a_count_of_other_probes_below_one(tmp_path, tiny, capsys):
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(checkpoint, tiny, None, 0, TrainConfig(), {"step": []})
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--checkpoint", str(checkpoint), "--other-probes", "0"])
+    assert "--other-probes must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_evaluate_with_no_probes_measures_the_loss_only(tmp_path, tiny):
