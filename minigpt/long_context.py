@@ -179,10 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--multiples", nargs="+", type=int, default=list(MULTIPLES),
                      help="lengths to test, as multiples of the training length (the largest sets the scale factor)")
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    model, _ = load_checkpoint(args.checkpoint)
     if args.other_probes is not None and args.other_probes < 1:
         parser.error(f"--other-probes must be at least 1, got {args.other_probes}")
+    torch.manual_seed(args.seed)
+    model, _ = load_checkpoint(args.checkpoint)
     results = evaluate(model, args.schemes, sorted(args.multiples), n=args.probes, seed=args.seed,
                        other_n=args.other_probes)
     results["checkpoint"] = str(args.checkpoint)
