@@ -72,7 +72,7 @@ DEFAULT_TEXT = (
     "Hello world! Tokenizers cut text into pieces.\n"
     "\tdef add(a, b):  return a + b\n"
     "1234567 + 89 = 1234656\n"
-    "Emoji 🦙 and 中文 cost more tokens.<|endoftext|>"
+    "Emoji 🦙 and 中文 cost more tokens."
 )
 
 
@@ -177,6 +177,27 @@ def _header(name: str, n_tokens: int, n_bytes: int) -> str:
     )
 
 
+def refuse_special_text(tok: TokenizerLike, text: str) -> None:
+    """Raise ValueError if `text`, typed into a widget, spells one of `tok`'s special tokens.
+
+    What a reader types is user input, and user input never becomes a control token anywhere in
+    the course (notebook 01, section 9). The message names the first such spelling and says what
+    to do; a widget shows it in place of its output.
+    """
+    found = [(text.find(special), special) for special in tok.special_tokens if special in text]
+    if found:
+        special = min(found)[1]
+        raise ValueError(
+            f"the text contains {special}, the spelling of a special token; typed text is user input, "
+            "which may not contain special tokens. Delete it to see the rest."
+        )
+
+
+def _error_html(message: str) -> str:
+    """A widget's error message: red text, HTML-escaped."""
+    return f'<div style="font-family:sans-serif;color:#b91c1c">{html.escape(message)}</div>'
+
+
 def tokens_html(
     tok: TokenizerLike, text: str, allowed_special: Specials = "all", name: str | None = None
 ) -> str:
@@ -220,7 +241,8 @@ def token_explorer(
 
     `tokenizers` is a list (each panel is headed by `tok.name`) or a dict of label -> tokenizer.
     The returned widget is `VBox([textarea, HBox(panels)])`, one `HTML` panel per tokenizer, all
-    sharing the width equally; every edit of `textarea.value` redraws each panel.
+    sharing the width equally; every edit of `textarea.value` redraws each panel. What is typed is
+    user input, so text that spells a special token is refused in the panel (`refuse_special_text`).
     """
     if isinstance(tokenizers, Mapping):
         labelled = list(tokenizers.items())
@@ -237,6 +259,11 @@ def token_explorer(
 
     def redraw(new_text: str) -> None:
         for panel, (label, tok) in zip(panels, labelled):
+            try:
+                refuse_special_text(tok, new_text)
+            except ValueError as error:
+                panel.value = _header(label, 0, len(new_text.encode("utf-8"))) + _error_html(str(error))
+                continue
             panel.value = tokens_html(tok, new_text, name=label)
 
     redraw(text)
@@ -369,7 +396,7 @@ def plot_heads(
     columns = min(len(heads), 4)
     rows = math.ceil(len(heads) / columns)
     single = len(heads) == 1
-    side = 6.5 if single else 3.0
+    side = 5.7 if single else 3.0
     figure = Figure(figsize=(side * columns + 0.8, side * rows + (0.9 if single else 0.4)), layout="constrained")
     axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False).ravel())
     for ax, head in zip(axes, heads):
@@ -411,10 +438,21 @@ def attention_text_html(labels: Sequence[str], row: torch.Tensor, selected: int)
     return f'<div style="{box}">{"".join(spans)}</div>'
 
 
+PNG_DPI = 80
+
+
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
+    figure.savefig(buffer, format="png", dpi=PNG_DPI)
     return buffer.getvalue()
+
+
+def _show_png(picture: widgets.Image, figure: Figure) -> None:
+    """Put `figure` in `picture` at its own pixel size: a VBox would otherwise stretch the image to
+    the full width, upscaling it (blurry, and a single head taller than the screen)."""
+    picture.value = _png(figure)
+    picture.layout.width = f"{round(figure.get_figwidth() * PNG_DPI)}px"
+    picture.layout.max_width = "100%"  # a narrow window may still shrink it, never enlarge it
 
 
 def attention_explorer(model: GPT, tok: TokenizerLike, prompt: str = DEFAULT_PROMPT) -> widgets.VBox:
@@ -441,13 +479,14 @@ def attention_explorer(model: GPT, tok: TokenizerLike, prompt: str = DEFAULT_PRO
 
     def read_prompt(text: str) -> None:
         try:
-            ids = tok.encode(text)  # special-token text is refused here, with the tokenizer's message
+            refuse_special_text(tok, text)
+            ids = tok.encode(text)
             if not ids:
                 raise ValueError("the prompt is empty: type some text")
             if len(ids) > config.context:
                 raise ValueError(f"the prompt is {len(ids)} tokens; this model reads at most {config.context}")
         except ValueError as error:
-            message.value = f'<span style="color:#b91c1c">{html.escape(str(error))}</span>'
+            message.value = _error_html(str(error))
             return
         message.value = ""
         state.update(labels=token_labels(tok, ids), maps=attention_maps(model, ids))
@@ -466,7 +505,7 @@ def attention_explorer(model: GPT, tok: TokenizerLike, prompt: str = DEFAULT_PRO
         text_panel.value = (f'<div style="font-family:sans-serif;font-size:0.85em;color:#444">What token {selected} '
                             f'<b>{html.escape(labels[selected])}</b> attends to in layer {layer}, {which}:</div>'
                             + attention_text_html(labels, row, selected))
-        picture.value = _png(plot_heads(maps, labels, config.n_kv_head, layer, selected, None if head < 0 else [head]))
+        _show_png(picture, plot_heads(maps, labels, config.n_kv_head, layer, selected, None if head < 0 else [head]))
 
     prompt_box.observe(lambda change: read_prompt(change["new"]), names="value")
     for control in (layer_menu, head_menu, token_slider):
@@ -550,7 +589,7 @@ def kv_cache_explorer(model: GPT, tok: TokenizerLike, prompt: str = DEFAULT_PROM
             f'<span style="background:#dcfce7">{cached}</span><span style="color:#b0b0b0">{upcoming}</span></div>'
             f'<div style="font-family:sans-serif;font-size:0.85em;color:#444">{length} positions cached, '
             f"{trace.cache_bytes[step]:,} bytes</div>")
-        picture.value = _png(plot_generation_step(trace, labels, step))
+        _show_png(picture, plot_generation_step(trace, labels, step))
 
     slider.observe(lambda change: redraw(change["new"]), names="value")
     redraw(0)

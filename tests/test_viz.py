@@ -33,11 +33,13 @@ from minigpt.viz import (  # noqa: E402
     plot_generation_step,
     plot_heads,
     plot_training,
+    refuse_special_text,
     token_explorer,
     token_labels,
     tokens_html,
     trace_generation,
 )
+from minigpt.viz import DEFAULT_TEXT  # noqa: E402
 
 EOT = "<|endoftext|>"
 
@@ -231,6 +233,26 @@ def test_explorer_updates_when_text_changes(byte_tok, pair_tok):
     textarea.value = "hello 中!"
     assert [header_numbers(p.value)[0] for p in panels] == [10, 6]
     assert "中" in panels[1].value
+
+
+def test_explorer_refuses_special_token_text_as_user_input(byte_tok, pair_tok):
+    explorer = token_explorer({"bytes": byte_tok, "pairs": pair_tok}, "hi")
+    textarea, row = explorer.children
+    textarea.value = f"the end{EOT} and more"
+    for panel in row.children:
+        shown = visible_text(panel.value)
+        assert "the text contains <|endoftext|>, the spelling of a special token" in shown
+        assert "special token <|endoftext|>" not in panel.value  # not drawn as a control token
+        assert "allowed_special" not in shown  # no advice a widget user cannot follow
+    textarea.value = "the end"
+    assert [header_numbers(p.value)[0] for p in row.children] == [len(byte_tok.encode("the end")), len(pair_tok.encode("the end"))]
+
+
+def test_refuse_special_text_names_the_first_special_spelling(course_tok):
+    refuse_special_text(course_tok, "ordinary text, <| even |> brackets")
+    with pytest.raises(ValueError, match=r"contains <\|im_start\|>, the spelling of a special token"):
+        refuse_special_text(course_tok, "a <|im_start|> then <|endoftext|>")
+    assert not any(special in DEFAULT_TEXT for special in course_tok.special_tokens)
 
 
 def test_explorer_accepts_a_list_and_labels_by_name(byte_tok, pair_tok):
@@ -560,6 +582,8 @@ def test_attention_explorer_redraws_when_the_controls_change(course_tok, course_
     assert attention_titles(text_panel.value) == pytest.approx(dict(enumerate(maps[0, 3, 2, :3].tolist())), abs=6e-4)
     width, height = png_size(picture.value)
     assert height > 0.8 * width  # one head, drawn large
+    assert picture.layout.width == f"{width}px" and picture.layout.max_width == "100%"  # shown at its own size
+    assert height <= 600  # fits a projector's screen beside the controls
 
 
 def test_attention_explorer_reports_bad_prompts_in_the_widget(course_tok, course_gpt):
@@ -667,7 +691,7 @@ def test_kv_cache_explorer_steps_through_decoding(course_tok, course_gpt):
     assert f"{n_prompt} positions cached, {n_prompt * per_position:,} bytes" in text_panel.value
     assert cached_text(text_panel.value) == "".join(labels[:n_prompt])
     first = picture.value
-    png_size(first)
+    assert picture.layout.width == f"{png_size(first)[0]}px"
 
     slider.value = 2
     assert f"{n_prompt + 2} positions cached, {(n_prompt + 2) * per_position:,} bytes" in text_panel.value
