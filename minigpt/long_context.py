@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from minigpt import data, evals
 from minigpt.model import GPT
 from minigpt.positions import SCHEMES
-from minigpt.train import corpus_tokens, load_checkpoint, load_tokenizer
+from minigpt.train import CheckpointError, corpus_tokens, load_checkpoint, load_tokenizer
 
 RESULTS_DIR = data.DATA_DIR / "long_context"
 MULTIPLES = (1, 2, 4, 8, 16)
@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.other_probes is not None and args.other_probes < 1:
         parser.error(f"--other-probes must be at least 1, got {args.other_probes}")
     torch.manual_seed(args.seed)
-    model, _ = load_checkpoint(args.checkpoint)
+    try:
+        model, _ = load_checkpoint(args.checkpoint)
+    except (CheckpointError, FileNotFoundError) as error:  # one line, no traceback
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     results = evaluate(model, args.schemes, sorted(args.multiples), n=args.probes, seed=args.seed,
                        other_n=args.other_probes)
     results["checkpoint"] = str(args.checkpoint)

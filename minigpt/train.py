@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -258,20 +259,44 @@ def save_checkpoint(
     torch.save(checkpoint, path)
 
 
+class CheckpointError(ValueError):
+    """A file that minigpt will not load as a checkpoint; the message is one line naming the file and why."""
+
+
+def _refusal_reason(path: Path, error: Exception) -> str:
+    """Why `torch.load` or the model refused `path`, in one line, without torch's own advice (which,
+    for a pickle holding code, suggests loading it unsafely)."""
+    if isinstance(error, pickle.UnpicklingError):
+        with path.open("rb") as file:
+            is_zip = file.read(4) == b"PK\x03\x04"  # every torch.save file since PyTorch 1.6 is a zip archive
+        if is_zip:
+            return ("it holds pickled Python objects other than tensors and plain data, which could run code "
+                    "when loaded; minigpt loads tensors and plain data only")
+        return "it is not a PyTorch checkpoint archive (a corrupt file, or one written by another program)"
+    if isinstance(error, RuntimeError) and "zip archive" in str(error):
+        return "the archive is incomplete or corrupt (a truncated download or copy?)"
+    if isinstance(error, (KeyError, TypeError)):
+        return f"it lacks minigpt's checkpoint entries ({type(error).__name__}: {error}); it was not written by minigpt.train"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"its weights do not fit its own model config ({type(error).__name__}: {first_line})"
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """The model in a checkpoint, and the checkpoint itself (step, configs, history, optimizer state).
 
-    Loaded with `weights_only=True`: tensors and plain data only, never arbitrary pickled code.
+    Loaded with `weights_only=True`: tensors and plain data only, never arbitrary pickled code. A file
+    that cannot be loaded so raises `CheckpointError`, whose one-line message names the file and the
+    reason; a missing file raises `FileNotFoundError`.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
         model = GPT(GPTConfig(**checkpoint["model_config"])).to(device)
         model.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # a truncated, corrupt or foreign file
-        raise ValueError(f"{path} is not a readable minigpt checkpoint: {type(error).__name__}: {error}") from None
+    except Exception as error:  # a truncated, corrupt, foreign or unsafe file
+        raise CheckpointError(f"{path} is not a readable minigpt checkpoint: {_refusal_reason(path, error)}") from None
     return model, checkpoint
 
 
@@ -554,8 +579,11 @@ def main(argv: list[str] | None = None) -> None:
     args["init_from"] = None if args["init_from"] is None else str(args["init_from"])
     config = replace(defaults, **args, model_overrides={k: v for k, v in overrides.items() if v is not None})
     command = "python -m minigpt.train " + " ".join(sys.argv[1:] if argv is None else argv)
-    _, history = train(config, out, resume, save_dtype=save_dtype, save_optimizer=not no_optimizer, command=command,
-                       device=device)
+    try:
+        _, history = train(config, out, resume, save_dtype=save_dtype, save_optimizer=not no_optimizer, command=command,
+                           device=device)
+    except (CheckpointError, FileNotFoundError) as error:  # --init-from or --resume: one line, no traceback
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     if int(os.environ.get("RANK", 0)) == 0:
         from minigpt.viz import plot_training
 

@@ -142,6 +142,16 @@ def test_evaluate_refuses_a_count_of_other_probes_below_one(tmp_path, tiny, caps
     assert "--other-probes must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_evaluate_ends_on_a_corrupt_checkpoint_with_one_line(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 and then nothing a zip archive needs")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--checkpoint", str(corrupt)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"python -m minigpt.long_context: error: {corrupt} is not a readable minigpt checkpoint: ")
+
+
 def test_evaluate_with_no_probes_measures_the_loss_only(tmp_path, tiny):
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(checkpoint, tiny, None, 0, TrainConfig(), {"step": []})

@@ -17,6 +17,7 @@ from minigpt.positions import RotaryEmbedding
 import minigpt.train
 from minigpt.train import (
     SAVE_DTYPES,
+    CheckpointError,
     SkippedRotary,
     TrainConfig,
     bits_per_byte,
@@ -115,6 +116,49 @@ def test_corrupt_or_missing_checkpoint_gives_a_clear_error(tmp_path):
         load_checkpoint(truncated)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "absent.pt")
+
+
+class RunsCode:
+    """What a malicious pickle holds: unpickling it calls a function of the file's choosing."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def refused_files(tmp_path):
+    """Files `load_checkpoint` must refuse, each with the words its one-line reason must contain."""
+    torch.save({"model": RunsCode(), "model_config": {}}, tmp_path / "code.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    torch.save({"weights": {}}, tmp_path / "foreign.pt")
+    good = tmp_path / "good.pt"
+    train(TINY, out=good, progress=False)
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[:2000])
+    return {"code.pt": "could run code", "garbage.pt": "not a PyTorch checkpoint archive",
+            "foreign.pt": "not written by minigpt.train", "truncated.pt": "incomplete or corrupt"}
+
+
+def test_refused_checkpoints_say_why_in_one_line_and_never_suggest_loading_unsafely(tmp_path, capsys):
+    for name, reason in refused_files(tmp_path).items():
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(tmp_path / name)
+        message = str(error.value)
+        assert message.startswith(f"{tmp_path / name} is not a readable minigpt checkpoint: ") and reason in message
+        assert "\n" not in message and "weights_only" not in message and "False" not in message
+    assert "this ran while loading" not in capsys.readouterr().out
+
+
+def test_command_line_ends_on_a_refused_checkpoint_with_one_line(tmp_path, capsys):
+    refused_files(tmp_path)
+    for flag in ("--init-from", "--resume"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(cli_args(tmp_path / "x.pt", flag, str(tmp_path / "code.pt")))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and "weights_only" not in err
+        assert err.startswith(f"python -m minigpt.train: error: {tmp_path / 'code.pt'} is not a readable")
+    with pytest.raises(SystemExit):
+        main(cli_args(tmp_path / "x.pt", "--init-from", str(tmp_path / "absent.pt")))
+    assert capsys.readouterr().err == f"python -m minigpt.train: error: no checkpoint file at {tmp_path / 'absent.pt'}\n"
 
 
 def test_batch_size_must_split_across_processes(monkeypatch):
