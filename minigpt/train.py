@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 import random
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -257,6 +258,27 @@ def save_checkpoint(
     if optimizer is not None:
         checkpoint["optimizer"] = optimizer.state_dict()
     torch.save(checkpoint, path)
+
+
+def retrain_arguments(checkpoint: dict, out: str | Path) -> list[str]:
+    """The `python -m minigpt.train` arguments recorded in `checkpoint`, writing the result to `out`.
+
+    The recorded `--out` is replaced: the shipped runs wrote to a working folder and were then copied
+    into data/checkpoints/, so `out` (where the file lives now) is what reproduces it.
+    """
+    arguments = shlex.split(checkpoint["command"])
+    if arguments[:3] != ["python", "-m", "minigpt.train"]:
+        raise ValueError(f"not a recorded minigpt.train command: {checkpoint['command']!r}")
+    arguments = arguments[3:]
+    if "--out" in arguments:
+        at = arguments.index("--out")
+        del arguments[at : at + 2]
+    return arguments + ["--out", str(out)]
+
+
+def retrain_command(checkpoint: dict, out: str | Path) -> str:
+    """`retrain_arguments` as the command line to type."""
+    return shlex.join(["python", "-m", "minigpt.train", *retrain_arguments(checkpoint, out)])
 
 
 class CheckpointError(ValueError):

@@ -354,7 +354,8 @@ def plot_attention(
     weights: torch.Tensor, labels: Sequence[str], ax, selected: int | None = None, title: str = "",
     show_labels: bool = True, frame_color: str | None = None,
 ) -> AxesImage:
-    """Draw one head's attention `(T_q, T_k)` as a heatmap on `ax`: rows are queries, columns keys.
+    """Draw one head's attention `(T_q, T_k)` as a heatmap on `ax`: rows are queries, columns keys
+    (both axes labelled so).
 
     Keys a causal query cannot see (above the diagonal) are grey, so the triangle is visible; the
     `selected` query's row is outlined. Returns the image, for a colorbar.
@@ -371,6 +372,8 @@ def plot_attention(
     else:
         ax.set_xticks([])
         ax.set_yticks([])
+    ax.set_xlabel("key (attended to)", fontsize=8)
+    ax.set_ylabel("query (attending)", fontsize=8)
     if selected is not None:
         ax.add_patch(Rectangle((-0.5, selected - 0.5), n_keys, 1, fill=False, edgecolor="#dc2626", linewidth=1.6))
     if frame_color:
@@ -560,6 +563,7 @@ def plot_generation_step(trace: GenerationTrace, labels: Sequence[str], step: in
     heat_ax.set_yticks(range(n_layer * n_head), [f"L{i // n_head} H{i % n_head}" for i in range(n_layer * n_head)],
                        fontsize=7)
     heat_ax.axvline(trace.prompt_length - 0.5, color="#dc2626", linewidth=1)
+    heat_ax.set(xlabel="key: cached position", ylabel="layer and head (query: the newest token)")
     query = "the last prompt token (prefill)" if step == 0 else f"new token {step}: {labels[length - 1]!r}"
     heat_ax.set_title(f"attention of {query} over the {length} cached positions", fontsize=9)
     kib = [b / 1024 for b in trace.cache_bytes]

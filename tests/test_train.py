@@ -5,6 +5,7 @@ import math
 import random
 import subprocess
 import sys
+from pathlib import Path
 from dataclasses import asdict, replace
 
 import pytest
@@ -30,6 +31,8 @@ from minigpt.train import (
     positions_skipped,
     probe_size_limits,
     probe_window,
+    retrain_arguments,
+    retrain_command,
     sample_batch,
     training_batch,
     save_checkpoint,
@@ -700,3 +703,21 @@ def test_cuda_training_takes_the_cpu_steps_and_saves_a_cpu_checkpoint(tmp_path):
     loaded, _ = load_checkpoint(tmp_path / "gpu.pt")
     for (name, a), b in zip(loaded.state_dict().items(), on_gpu.state_dict().values()):
         assert torch.equal(a, b.cpu()), name
+
+
+def test_retrain_command_replaces_the_recorded_out_path():
+    recorded = {"command": "python -m minigpt.train --preset nano --steps 2000 --out /elsewhere/nano.pt --seed 0"}
+    assert retrain_arguments(recorded, Path("data/checkpoints/nano.pt")) == [
+        "--preset", "nano", "--steps", "2000", "--seed", "0", "--out", "data/checkpoints/nano.pt"]
+    assert retrain_command(recorded, "data/checkpoints/nano.pt") == (
+        "python -m minigpt.train --preset nano --steps 2000 --seed 0 --out data/checkpoints/nano.pt")
+    assert retrain_command({"command": "python -m minigpt.train --preset mini"}, "m.pt").endswith("--preset mini --out m.pt")
+    with pytest.raises(ValueError, match="not a recorded minigpt.train command"):
+        retrain_arguments({"command": "python -m minigpt.long_context evaluate"}, "x.pt")
+
+
+def test_every_shipped_checkpoint_records_a_command_that_retrains_it():
+    for path in sorted(minigpt.train.CHECKPOINT_DIR.glob("*.pt")):
+        checkpoint = torch.load(path, weights_only=True)
+        arguments = retrain_arguments(checkpoint, path)
+        assert arguments[-2:] == ["--out", str(path)] and arguments.count("--out") == 1, path.name

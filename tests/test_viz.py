@@ -456,6 +456,7 @@ def test_plot_attention_greys_future_keys_and_outlines_the_selected_query():
     assert [t.get_text() for t in ax.get_xticklabels()] == list("abcde")
     assert all(spine.get_edgecolor() == to_rgba("#c2410c") for spine in ax.spines.values())
     assert ax.get_title() == "t"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("key (attended to)", "query (attending)")
 
 
 def test_plot_attention_with_fewer_queries_than_keys_aligns_them_to_the_end():
@@ -661,6 +662,7 @@ def test_plot_generation_step_shows_the_cached_positions_and_the_cache_size():
         assert np.allclose(shown.data[:, :length], trace.rows[step].reshape(N_LAYER * N_HEAD, length).numpy())
         assert f"over the {length} cached positions" in heat_ax.get_title()
         assert [t.get_text() for t in heat_ax.get_yticklabels()][:2] == ["L0 H0", "L0 H1"]
+        assert heat_ax.get_xlabel().startswith("key") and "query" in heat_ax.get_ylabel()
         marker = bytes_ax.get_lines()[1]
         assert list(marker.get_xdata()) == [length]
         assert list(marker.get_ydata()) == [trace.cache_bytes[step] / 1024]
