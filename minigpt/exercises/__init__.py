@@ -50,7 +50,7 @@ def call(exercise: str, function: Callable[..., Any], *args: Any, **kwargs: Any)
 
     Returns `(value, None)` when it returned something, or `(None, verdict)` with a not-yet verdict
     when it is not callable, returned None (an unfilled template) or raised (the error is named, so
-    the reader can find the line).
+    the reader can find the line). Test the verdict with `is not None`: a not-yet verdict is falsy.
     """
     if not callable(function):
         return None, not_yet(exercise, f"pass the function itself (got a {type(function).__name__}).")
