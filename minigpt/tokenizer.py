@@ -405,7 +405,9 @@ class Tokenizer:
 
         Text spelling an allowed special token becomes that token. Text spelling a disallowed one
         (by default every special token not allowed) raises, so user input can never forge a
-        control token such as `<|im_end|>`. Pass `disallowed_special=()` to encode it as text.
+        control token such as `<|im_end|>`; the error names every disallowed special token the
+        text spells, in order of first appearance, and its advice allows them all at once. Pass
+        `disallowed_special=()` to encode such text as ordinary characters.
         """
         _check_text(text)
         allowed = self._special_set(allowed_special, "allowed_special")
@@ -413,16 +415,9 @@ class Tokenizer:
             disallowed = set(self.special_tokens) - allowed
         else:
             disallowed = self._special_set(disallowed_special, "disallowed_special")
-        if disallowed:
-            found = _special_regex(frozenset(disallowed)).search(text)
-            if found:
-                raise ValueError(
-                    f"text contains the special token {found.group()!r} at character "
-                    f"{found.start()}. Special tokens are control signals, so by default user text "
-                    "may not spell them. If this text is trusted and means the control token, pass "
-                    f"allowed_special={{{found.group()!r}}}; to encode it as ordinary text, pass "
-                    "disallowed_special=()."
-                )
+        if disallowed and _special_regex(frozenset(disallowed)).search(text):
+            spelled = _first_spellings(text, disallowed)
+            raise ValueError(_disallowed_message(text, spelled, allowed, disallowed_special == "all"))
         if not allowed:
             return self.encode_ordinary(text)
         ids, start = [], 0
@@ -486,6 +481,37 @@ def _check_text(text: object) -> None:
 def _special_regex(names: frozenset[str]) -> re.Pattern:
     # Longest first, so a token that contains another wins.
     return re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True))))
+
+
+def _first_spellings(text: str, names: Iterable[str]) -> dict[str, int]:
+    """Each special token of `names` that `text` spells, with the character where it first
+    appears, in order of first appearance (overlapping spellings count too)."""
+    first = {name: text.find(name) for name in names}
+    return {name: start for start, name in sorted((s, n) for n, s in first.items() if s >= 0)}
+
+
+def _disallowed_message(
+    text: str, spelled: dict[str, int], allowed: set[str], default_disallowed: bool
+) -> str:
+    """The error for text that spells disallowed special tokens: it names every one of them, and
+    its advice allows all of them at once (plus any allowed ones the text spells), so that
+    following it does not raise again."""
+    where = [f"{name!r} at character {start}" for name, start in spelled.items()]
+    if len(where) == 1:
+        found = f"the special token {where[0]}"
+    else:
+        found = f"the special tokens {', '.join(where[:-1])} and {where[-1]} (first appearances)"
+    already = _first_spellings(text, allowed)
+    advice = list(spelled) + [name for name in already if name not in spelled]
+    allow = "{" + ", ".join(map(repr, advice)) + "}"
+    tokens = "token" if len(spelled) == 1 else "tokens"
+    pronoun = "it" if len(spelled) == 1 else "them"
+    also = "" if default_disallowed else f" and leave {pronoun} out of disallowed_special"
+    return (
+        f"text contains {found}. Special tokens are control signals, so by default user text may "
+        f"not spell them. If this text is trusted and means the control {tokens}, pass "
+        f"allowed_special={allow}{also}; to encode it as ordinary text, pass disallowed_special=()."
+    )
 
 
 def _checked_ranks(ranks: dict[bytes, int]) -> dict[bytes, int]:

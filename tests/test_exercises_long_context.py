@@ -5,10 +5,8 @@ import math
 import pytest
 from conftest import load_solutions
 
-from minigpt.attention import kv_cache_bytes
 from minigpt.exercises import UNSOLVED_HINT
 from minigpt.exercises import long_context as ex
-from minigpt.model import preset
 from minigpt.positions import ntk_base
 
 solutions = load_solutions("long_context")
@@ -86,27 +84,8 @@ def test_critical_pair():
     assert ex.check_critical_pair(unsolved).hint == UNSOLVED_HINT
 
 
-def test_kv_cache_size():
-    assert ex.check_kv_cache_size(solutions.kv_cache_size)
-    config = preset("nano")
-    expected = kv_cache_bytes(config.n_layer, config.n_kv_head, config.head_dim, 1_047_576, bytes_per_value=4)
-    def keys_only(c, n, b):
-        return solutions.kv_cache_size(c, n, b) // 2
-    def query_heads(c, n, b):
-        return 2 * c.n_layer * c.n_head * c.head_dim * n * b
-    def in_bits(c, n, b):
-        return 8 * solutions.kv_cache_size(c, n, b)
-    def in_gib(c, n, b):
-        return solutions.kv_cache_size(c, n, b) / 2**30
-    for wrong, word in ((keys_only, "values"), (query_heads, "key/value heads"), (in_bits, "bits"), (in_gib, "GiB")):
-        verdict = ex.check_kv_cache_size(wrong)
-        assert_rejected(verdict, expected)
-        assert word in verdict.hint
-    assert ex.check_kv_cache_size(unsolved).hint == UNSOLVED_HINT
-
-
 @pytest.mark.parametrize("check", [ex.check_rotate_pair, ex.check_ntk_base, ex.check_yarn_ramp,
-                                   ex.check_critical_pair, ex.check_kv_cache_size])
+                                   ex.check_critical_pair])
 def test_every_check_explains_itself_and_survives_errors(check):
     assert check.__doc__
     def broken(*args):

@@ -1,7 +1,7 @@
 """Checks for the exercises of notebook 04 (long context: positions that stretch).
 
 Each check tries the reader's function on cases of its own and compares it with the package's own
-code in `minigpt.positions` and `minigpt.attention`, so the expected values are computed, never
+code in `minigpt.positions`, so the expected values are computed, never
 typed. A wrong answer gets a hint that names the kind of mistake, never the value expected.
 """
 
@@ -12,16 +12,13 @@ from typing import Any
 
 import torch
 
-from minigpt.attention import kv_cache_bytes
 from minigpt.exercises import CheckResult, call, close_to, not_yet, right
-from minigpt.model import GPTConfig, preset
 from minigpt.positions import apply_rotary, ntk_base, rope_frequencies, yarn_ramp
 
 ROTATE = "Exercise 1 (rotate one RoPE pair)"
 NTK = "Exercise 2 (the NTK-aware base)"
 RAMP = "Exercise 3 (YaRN's ramp)"
 CRITICAL = "Exercise 4 (the critical pair)"
-KV_BYTES = "Exercise 5 (KV-cache bytes)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,45 +207,3 @@ def check_critical_pair(critical_pair) -> CheckResult:
         return not_yet(CRITICAL, "compare each pair's wavelength, 2 pi / theta_i (in positions), with the "
                                  "training length.")
     return right(CRITICAL)
-
-
-# ---------------------------------------------------------------------------------------------
-# Exercise 5: KV-cache bytes
-
-KV_CASES = [  # (config, length, bytes_per_value)
-    (preset("nano"), 1_047_576, 4),
-    (preset("mini"), 1_047_576, 2),
-    (preset("full"), 4096, 2),
-    (GPTConfig(n_layer=32, n_head=32, n_kv_head=8, n_embd=4096), 1_047_576, 2),
-    (GPTConfig(n_layer=32, n_head=32, n_kv_head=32, n_embd=4096), 8192, 2),
-]
-
-
-def check_kv_cache_size(kv_cache_size) -> CheckResult:
-    """Exercise 5: `kv_cache_size(config, length, bytes_per_value)` returns the bytes a KV cache needs
-    for one sequence of `length` tokens of a model with `config` (a `minigpt.model.GPTConfig`).
-    Compared with `minigpt.attention.kv_cache_bytes` on the presets and a Llama-3-8B-like shape."""
-    for config, length, nbytes in KV_CASES:
-        value, verdict = call(KV_BYTES, kv_cache_size, config, length, nbytes)
-        if verdict is not None:
-            return verdict
-        expected = kv_cache_bytes(config.n_layer, config.n_kv_head, config.head_dim, length, bytes_per_value=nbytes)
-        if close_to(value, expected, rel=1e-12):
-            continue
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            return not_yet(KV_BYTES, "return the size as one number of bytes.")
-        ratio = number / expected
-        if math.isclose(ratio, 0.5):
-            return not_yet(KV_BYTES, "the cache holds two tensors per layer and head, keys and values.")
-        if math.isclose(ratio, config.n_head / config.n_kv_head) and config.n_head != config.n_kv_head:
-            return not_yet(KV_BYTES, "with grouped-query attention only the key/value heads are cached, "
-                                     "not every query head.")
-        if math.isclose(ratio, 8.0):
-            return not_yet(KV_BYTES, "that is bits: the answer is in bytes.")
-        if math.isclose(ratio, 1 / 2**30) or math.isclose(ratio, 1 / 2**20):
-            return not_yet(KV_BYTES, "return bytes, not GiB or MiB.")
-        return not_yet(KV_BYTES, "count one key and one value vector per layer, key/value head and position, "
-                                 "each of head_dim values of bytes_per_value bytes.")
-    return right(KV_BYTES)

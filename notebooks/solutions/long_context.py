@@ -60,14 +60,3 @@ def critical_pair(head_dim: int, base: float, training_length: int) -> int:
         if wavelength > training_length:
             return i
     raise ValueError("every pair completes a turn within the training length")
-
-
-def kv_cache_size(config, length: int, bytes_per_value: int) -> int:
-    """Exercise 5: bytes of a KV cache for one sequence of `length` tokens.
-
-    Each layer stores, for every position, one key and one value vector per key/value head
-    (`n_kv_head`, not `n_head`: with grouped-query attention several query heads share one), each
-    of `head_dim` numbers of `bytes_per_value` bytes: `2 * n_layer * n_kv_head * head_dim * length *
-    bytes_per_value`.
-    """
-    return 2 * config.n_layer * config.n_kv_head * config.head_dim * length * bytes_per_value
