@@ -178,18 +178,19 @@ def _header(name: str, n_tokens: int, n_bytes: int) -> str:
 
 
 def refuse_special_text(tok: TokenizerLike, text: str) -> None:
-    """Raise ValueError if `text`, typed into a widget, spells one of `tok`'s special tokens.
+    """Raise ValueError if `text`, typed into a widget, spells any of `tok`'s special tokens.
 
     What a reader types is user input, and user input never becomes a control token anywhere in
-    the course (notebook 01, section 9). The message names the first such spelling and says what
-    to do; a widget shows it in place of its output.
+    the course (notebook 01, section 9). The message names every such spelling, in order of first
+    appearance, and says what to do; a widget shows it in place of its output.
     """
-    found = [(text.find(special), special) for special in tok.special_tokens if special in text]
+    found = sorted((text.find(special), special) for special in tok.special_tokens if special in text)
     if found:
-        special = min(found)[1]
+        names = ", ".join(special for _, special in found)
+        what = "the spelling of a special token" if len(found) == 1 else "spellings of special tokens"
         raise ValueError(
-            f"the text contains {special}, the spelling of a special token; typed text is user input, "
-            "which may not contain special tokens. Delete it to see the rest."
+            f"the text contains {names}, {what}; typed text is user input, which may not contain special "
+            f"tokens. Delete {'it' if len(found) == 1 else 'them'} to see the rest."
         )
 
 
@@ -297,12 +298,12 @@ def plot_training(
             smoothed.append(average)
         loss_ax.plot(steps, smoothed, color="#1f5f9e", linewidth=1.8, label="moving average")
     loss_ax.set(xlabel="step", ylabel="training loss (nats per token)", title="training loss")
-    loss_ax.legend(loc="upper right")
+    loss_ax.legend(loc="best")  # wherever it hides the least of the curves
     val_ax.plot(history["val_step"], history["val_bpb"], "o-", color="#c2410c", label="validation")
     for (label, value), style in zip((references or {}).items(), itertools.cycle(("--", ":", "-."))):
         val_ax.axhline(value, color="#555", linestyle=style, linewidth=1, label=label)
     val_ax.set(xlabel="step", ylabel="bits per byte", title="held-out Shakespeare")
-    val_ax.legend(loc="upper right")
+    val_ax.legend(loc="best")
     for ax in (loss_ax, val_ax):
         ax.grid(alpha=0.3)
     if title:

@@ -250,8 +250,11 @@ def test_explorer_refuses_special_token_text_as_user_input(byte_tok, pair_tok):
 
 def test_refuse_special_text_names_the_first_special_spelling(course_tok):
     refuse_special_text(course_tok, "ordinary text, <| even |> brackets")
-    with pytest.raises(ValueError, match=r"contains <\|im_start\|>, the spelling of a special token"):
-        refuse_special_text(course_tok, "a <|im_start|> then <|endoftext|>")
+    with pytest.raises(ValueError, match=r"contains <\|im_end\|>, the spelling of a special token; .* Delete it "):
+        refuse_special_text(course_tok, "a <|im_end|> alone")
+    with pytest.raises(ValueError, match=r"contains <\|im_start\|>, <\|endoftext\|>, spellings of special tokens; "
+                                         r".* Delete them to see the rest"):
+        refuse_special_text(course_tok, "a <|im_start|> then <|endoftext|> and <|im_start|>")
     assert not any(special in DEFAULT_TEXT for special in course_tok.special_tokens)
 
 
