@@ -4,28 +4,13 @@ import math
 
 import pytest
 import torch
-from conftest import load_solutions
+from conftest import assert_rejected, load_solutions, unsolved
 
 from minigpt.exercises import UNSOLVED_HINT
 from minigpt.exercises import attention as ex
 from minigpt.model import GPTConfig, preset
 
 solutions = load_solutions("attention")
-
-
-def unsolved(*args):
-    """The notebook's template: a body of `...`, so it returns None."""
-    return None
-
-
-def assert_rejected(verdict, *answers):
-    """A not-yet verdict whose hint gives away none of the `answers` (printed numbers or code)."""
-    assert not verdict, verdict
-    assert verdict.hint
-    for answer in answers:
-        texts = [answer] if isinstance(answer, str) else [f"{answer}", f"{answer:,}"]
-        for text in texts:
-            assert text not in verdict.hint, (text, verdict.hint)
 
 
 # --- Exercise 1: attention for one head -------------------------------------------------------

@@ -3,27 +3,13 @@
 import math
 
 import pytest
-from conftest import load_solutions
+from conftest import assert_rejected, load_solutions, unsolved
 
 from minigpt.exercises import UNSOLVED_HINT
 from minigpt.exercises import long_context as ex
 from minigpt.positions import ntk_base
 
 solutions = load_solutions("long_context")
-
-
-def unsolved(*args):
-    """The committed template: a body of `...` returns None."""
-    return None
-
-
-def assert_rejected(verdict, *forbidden):
-    """Not yet, and none of the expected values appears in the hint."""
-    assert not verdict
-    assert verdict.hint
-    for value in forbidden:
-        for text in (str(value), f"{value:.4g}", f"{value:,}", f"{value:.6f}"):
-            assert text not in verdict.hint, (text, verdict.hint)
 
 
 def test_rotate_pair():

@@ -3,26 +3,13 @@
 from collections import Counter
 
 import pytest
-from conftest import load_solutions
+from conftest import assert_rejected, load_solutions, unsolved
 
 from minigpt import tokenizer as tk
 from minigpt.exercises import UNSOLVED_HINT
 from minigpt.exercises import tokenizer as ex
 
 solutions = load_solutions("tokenizer")
-
-
-def unsolved(*args):
-    """The notebook's template: a body of `...`, so it returns None."""
-    return None
-
-
-def assert_rejected(verdict, *answers):
-    """A not-yet verdict whose hint gives away none of the `answers` (as printed)."""
-    assert not verdict, verdict
-    assert verdict.hint
-    for answer in answers:
-        assert str(answer) not in verdict.hint, (answer, verdict.hint)
 
 
 # --- Exercise 1: one BPE merge ----------------------------------------------------------------

@@ -4,27 +4,13 @@ import math
 
 import pytest
 import torch
-from conftest import load_solutions
+from conftest import assert_rejected, load_solutions, unsolved
 
 from minigpt.exercises import UNSOLVED_HINT
 from minigpt.exercises import transformer as ex
 from minigpt.model import GPTConfig
 
 solutions = load_solutions("transformer")
-
-
-def unsolved(*args):
-    """The notebook's template: a body of `...`, so it returns None."""
-    return None
-
-
-def assert_rejected(verdict, *answers):
-    """A not-yet verdict whose hint gives away none of the `answers` (as printed numbers)."""
-    assert not verdict, verdict
-    assert verdict.hint
-    for answer in answers:
-        for text in (f"{answer}", f"{answer:,}" if isinstance(answer, int) else f"{answer:.3f}"):
-            assert text not in verdict.hint, (text, verdict.hint)
 
 
 # --- Exercise 1: RMSNorm ----------------------------------------------------------------------
