@@ -2,12 +2,14 @@
 
 import math
 
+import numpy as np
 import pytest
+import torch
 from conftest import assert_rejected, load_solutions, unsolved
 
 from minigpt.exercises import UNSOLVED_HINT
 from minigpt.exercises import long_context as ex
-from minigpt.positions import ntk_base
+from minigpt.positions import ntk_base, rope_frequencies
 
 solutions = load_solutions("long_context")
 
@@ -67,7 +69,22 @@ def test_critical_pair():
         assert not verdict and verdict.hint
         assert "3" not in verdict.hint
     assert ex.check_critical_pair(lambda d, b, L: 3.0).hint.startswith("return")
+    assert ex.check_critical_pair(lambda d, b, L: True).hint.startswith("return")
     assert ex.check_critical_pair(unsolved).hint == UNSOLVED_HINT
+
+
+def test_critical_pair_accepts_any_integer_type():
+    def with_numpy(d, base, L):  # np.argmax returns np.int64
+        wavelengths = 2 * np.pi / base ** (-np.arange(0, d, 2) / d)
+        return np.argmax(wavelengths > L)
+    assert isinstance(with_numpy(16, 10_000.0, 128), np.integer)
+    assert ex.check_critical_pair(with_numpy)
+    def with_torch(d, base, L):  # a one-element integer tensor
+        wavelengths = 2 * torch.pi / rope_frequencies(d, base)
+        return (wavelengths > L).nonzero()[0]
+    assert ex.check_critical_pair(with_torch)
+    float_tensor = lambda d, b, L: torch.tensor(float(solutions.critical_pair(d, b, L)))  # noqa: E731
+    assert ex.check_critical_pair(float_tensor).hint.startswith("return")
 
 
 @pytest.mark.parametrize("check", [ex.check_rotate_pair, ex.check_ntk_base, ex.check_yarn_ramp,

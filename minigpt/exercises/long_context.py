@@ -8,6 +8,7 @@ typed. A wrong answer gets a hint that names the kind of mistake, never the valu
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -185,6 +186,18 @@ def _critical_pair(head_dim: int, base: float, training_length: int) -> int:
     return int((wavelengths > training_length).nonzero()[0])
 
 
+def _whole_number(value: Any) -> int | None:
+    """`value` as an int if it is a whole number of any integer type (Python, NumPy, or a one-element
+    integer tensor), else None. Floats and bools are refused: an index is neither."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            return None
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def check_critical_pair(critical_pair) -> CheckResult:
     """Exercise 4: `critical_pair(head_dim, base, training_length)` returns the index of the first pair
     (counting from 0, fastest first) that does not complete one turn within the training length.
@@ -194,9 +207,9 @@ def check_critical_pair(critical_pair) -> CheckResult:
         if verdict is not None:
             return verdict
         expected = _critical_pair(head_dim, base, length)
-        if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
-            return not_yet(CRITICAL, "return the pair's index as an int.")
-        index = int(value)
+        index = _whole_number(value)
+        if index is None:
+            return not_yet(CRITICAL, "return the pair's index as a whole number (an int).")
         if index == expected:
             continue
         if index == expected - 1:
