@@ -2,7 +2,7 @@
 #   make lab    install into .venv and open the course in JupyterLab
 #   make test   install into .venv and run every test: unit tests plus the notebooks under nbval
 # Also:
-#   make unit        the unit tests alone (about 2 minutes; no notebooks)
+#   make unit        the unit tests alone (about 4 minutes; no notebooks)
 #   make wheelhouse  (a teacher, once, online) download every package into wheelhouse/ for a classroom
 #   make lab WHEELHOUSE=wheelhouse   (a student, offline) install from that folder alone, then open the course
 PYTHON ?= python3
