@@ -610,7 +610,8 @@ def main(argv: list[str] | None = None) -> None:
         from minigpt.viz import plot_training
 
         name = config.preset if config.init_from is None else f"from {Path(config.init_from).stem}"
-        plot_training(history, title=f"{name}: {command}").savefig(out.with_suffix(".png"), dpi=100)
+        plot_training(history, title=f"{name}: {command}", eval_every=config.eval_every,
+                      eval_windows=config.eval_windows).savefig(out.with_suffix(".png"), dpi=100)
         print(f"{name}: {history['step'][-1]} steps in {history['seconds'][-1]:.0f} s, "
               f"validation {history['val_bpb'][-1]:.3f} bits per byte -> {out} (loss curve {out.with_suffix('.png')})")
     if dist.is_initialized():

@@ -279,12 +279,20 @@ def token_explorer(
 def plot_training(
     history: Mapping[str, Sequence[float]], title: str | None = None,
     references: Mapping[str, float] | None = None, figure: Figure | None = None,
+    finished: bool = True, eval_every: int | None = None, eval_windows: int | None = None,
 ) -> Figure:
     """Training loss (nats per token, raw and smoothed) and validation bits per byte, by step.
 
-    `history` is what `minigpt.train.train` returns; `references` draws labelled horizontal lines
-    on the validation panel (for example another recipe's bits per byte). Pass the previous
-    `figure` to redraw it in place, as the notebook's live plot does.
+    `history` is what `minigpt.train.train` returns. Its periodic evaluations read only a sample of
+    the validation text (the first `eval_windows` windows, every `eval_every` steps), and its final
+    one, the last entry of `history["val_bpb"]`, reads the whole text. So the two are drawn apart:
+    the periodic points joined by a line, the final one with a star and a legend entry of its own,
+    and a faint segment between them, since that step also changes the sample. `finished=False`
+    (a run still going, as in the notebook's live plot) draws every point as periodic.
+    `eval_every` and `eval_windows` (from the run's `TrainConfig`) only make the legend precise.
+
+    `references` draws labelled horizontal lines on the validation panel (for example another
+    recipe's bits per byte). Pass the previous `figure` to redraw it in place.
     """
     figure = figure or Figure(figsize=(10, 3.6), layout="constrained")
     figure.clear()
@@ -299,11 +307,22 @@ def plot_training(
         loss_ax.plot(steps, smoothed, color="#1f5f9e", linewidth=1.8, label="moving average")
     loss_ax.set(xlabel="step", ylabel="training loss (nats per token)", title="training loss")
     loss_ax.legend(loc="best")  # wherever it hides the least of the curves
-    val_ax.plot(history["val_step"], history["val_bpb"], "o-", color="#c2410c", label="validation")
+    val_steps, val_bpb = list(history["val_step"]), list(history["val_bpb"])
+    has_final = finished and len(val_bpb) > 0
+    periodic_steps, periodic_bpb = (val_steps[:-1], val_bpb[:-1]) if has_final else (val_steps, val_bpb)
+    every = f"every {eval_every} steps" if eval_every else "periodic"
+    sample = f"first {eval_windows} windows" if eval_windows else "a sample of the validation text"
+    val_ax.plot(periodic_steps, periodic_bpb, "o-", color="#c2410c", markersize=4, label=f"{every}: {sample}")
+    if has_final:
+        if periodic_steps:  # the last segment: more training and a change of sample at once
+            val_ax.plot(val_steps[-2:], val_bpb[-2:], color="#c2410c", alpha=0.35, linewidth=1.2,
+                        label="_change of sample")  # faint: not a dotted or dashed style, which references use
+        val_ax.plot(val_steps[-1:], val_bpb[-1:], "*", color="#7f1d1d", markersize=13, linestyle="none",
+                    label="final: the whole validation text")
     for (label, value), style in zip((references or {}).items(), itertools.cycle(("--", ":", "-."))):
         val_ax.axhline(value, color="#555", linestyle=style, linewidth=1, label=label)
     val_ax.set(xlabel="step", ylabel="bits per byte", title="held-out Shakespeare")
-    val_ax.legend(loc="best")
+    val_ax.legend(loc="best", fontsize=8)
     for ax in (loss_ax, val_ax):
         ax.grid(alpha=0.3)
     if title:

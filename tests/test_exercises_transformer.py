@@ -39,6 +39,14 @@ def test_rms_norm_rejects_the_template_and_names_the_mistake():
     assert "weight" in no_weight.hint
 
 
+@pytest.mark.parametrize("own_eps", [1e-5, 0.0])
+def test_rms_norm_rejects_an_eps_of_its_own_and_says_to_use_the_argument(own_eps):
+    ignores_eps = lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + own_eps) * w  # noqa: E731
+    verdict = ex.check_rms_norm(ignores_eps)
+    assert_rejected(verdict)
+    assert "eps you are given" in verdict.hint
+
+
 # --- Exercise 2: temperature ------------------------------------------------------------------
 
 
@@ -56,6 +64,24 @@ def test_temperature_accepts_the_solution_and_a_tiny_temperature_for_zero():
 ])
 def test_temperature_rejects_typical_mistakes(wrong):
     assert_rejected(ex.check_temperature(wrong))
+
+
+def _one_hot_in_the_whole_tensor(logits: torch.Tensor, t: float) -> torch.Tensor:
+    """Temperature 0 as a single 1 at the argmax of the whole tensor: right for (vocab,), wrong for (B, vocab)."""
+    if t:
+        return (logits / t).softmax(-1)
+    return torch.zeros(logits.numel()).scatter(0, logits.argmax().view(1), 1.0).view_as(logits)
+
+
+def test_temperature_zero_is_checked_row_by_row_on_a_batch():
+    verdict = ex.check_temperature(_one_hot_in_the_whole_tensor)
+    assert_rejected(verdict)
+    assert "each row" in verdict.hint
+    first_row_everywhere = lambda logits, t: (  # noqa: E731  the limit of row 0 copied to every row
+        (logits / t).softmax(-1) if t else
+        torch.nn.functional.one_hot(logits.reshape(-1, logits.shape[-1])[0].argmax(), logits.shape[-1])
+        .float().expand_as(logits).clone())
+    assert_rejected(ex.check_temperature(first_row_everywhere))
 
 
 def test_temperature_rejects_the_template_and_hints_at_the_limit():

@@ -324,13 +324,38 @@ def test_plot_training_draws_losses_moving_average_validation_and_references():
     assert np.allclose(smoothed.get_ydata(), expected)
     assert smoothed.get_ydata()[0] == pytest.approx(HISTORY["train_loss"][0])
     assert smoothed.get_ydata()[-1] > HISTORY["train_loss"][-1]  # the average lags a falling loss
-    validation, *references = val_ax.get_lines()
-    assert list(validation.get_xdata()) == [5, 10] and list(validation.get_ydata()) == [3.0, 2.5]
+    periodic, segment, final, *references = val_ax.get_lines()
+    assert list(periodic.get_xdata()) == [5] and list(periodic.get_ydata()) == [3.0]
+    assert list(segment.get_xdata()) == [5, 10] and list(segment.get_ydata()) == [3.0, 2.5]
+    assert list(final.get_xdata()) == [10] and list(final.get_ydata()) == [2.5]
     assert [(line.get_label(), line.get_ydata()[0]) for line in references] == [("char-level", 2.2), ("other recipe", 1.9)]
     assert references[0].get_linestyle() != references[1].get_linestyle()
     legend = [text.get_text() for text in val_ax.get_legend().get_texts()]
-    assert legend == ["validation", "char-level", "other recipe"]
+    assert legend == ["periodic: a sample of the validation text", "final: the whole validation text",
+                      "char-level", "other recipe"]
     assert figure.get_suptitle() == "nano run"
+
+
+def test_plot_training_sets_the_final_whole_text_point_apart_from_the_periodic_sample():
+    history = {**HISTORY, "val_step": [3, 6, 9, 10], "val_bpb": [3.2, 2.9, 2.7, 2.4]}
+    figure = plot_training(history, eval_every=3, eval_windows=64)
+    periodic, segment, final = figure.axes[1].get_lines()
+    assert list(periodic.get_xdata()) == [3, 6, 9] and list(periodic.get_ydata()) == [3.2, 2.9, 2.7]
+    assert list(final.get_xdata()) == [10] and list(final.get_ydata()) == [2.4]
+    assert final.get_marker() != periodic.get_marker() and final.get_linestyle() == "None"
+    assert segment.get_label().startswith("_")  # drawn, but no legend entry: the final point's entry says it
+    assert segment.get_alpha() < 1 and list(segment.get_xdata()) == [9, 10]
+    legend = [text.get_text() for text in figure.axes[1].get_legend().get_texts()]
+    assert legend == ["every 3 steps: first 64 windows", "final: the whole validation text"]
+    # A run still going: its last evaluation is a periodic one, so nothing is drawn as final.
+    going = plot_training(history, finished=False, eval_every=3, eval_windows=64)
+    (only,) = going.axes[1].get_lines()
+    assert list(only.get_ydata()) == [3.2, 2.9, 2.7, 2.4]
+    assert [text.get_text() for text in going.axes[1].get_legend().get_texts()] == ["every 3 steps: first 64 windows"]
+    # A single evaluation (a run shorter than eval_every) is the final one alone, with no segment.
+    single = plot_training({**HISTORY, "val_step": [10], "val_bpb": [2.4]})
+    periodic, final = single.axes[1].get_lines()
+    assert len(periodic.get_xdata()) == 0 and list(final.get_ydata()) == [2.4]
 
 
 def test_plot_training_accepts_a_history_without_validation_or_steps():

@@ -53,7 +53,8 @@ def _rms_norm_cases() -> list[tuple[torch.Tensor, RMSNorm]]:
 
 def check_rms_norm(rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> CheckResult:
     """Exercise 1: `rms_norm(x, weight, eps)` must equal `minigpt.model.RMSNorm(d, eps)` whose weight is
-    `weight`, on inputs of several shapes, scales and offsets (one where eps is not negligible)."""
+    `weight`, on inputs of several shapes, scales and offsets, with the `eps` it passes (one case with
+    an eps of 1e-2 on inputs so small that it is not negligible)."""
     for x, norm in _rms_norm_cases():
         weight = norm.weight.detach().clone()
         value, verdict = call(RMS_NORM, rms_norm, x.clone(), weight, norm.eps)
@@ -72,8 +73,13 @@ def check_rms_norm(rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch
             centred = x - x.mean(-1, keepdim=True)
             layer_norm_like = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps) * weight
             eps_outside = x / (rms.sqrt() + norm.eps) * weight
+            other_eps = [x * torch.rsqrt(rms + eps) * weight  # an eps of one's own, or none: the argument ignored
+                         for eps in (0.0, 1e-8, 1e-6, 1e-5, 1e-3) if eps != norm.eps]
         if torch.allclose(result, expected, rtol=1e-4, atol=1e-5):
             continue
+        if any(torch.allclose(result, other, rtol=1e-4, atol=1e-5) for other in other_eps):
+            return not_yet(RMS_NORM, "right formula, but not with the eps the check passed: use the eps you are "
+                                     "given (the function's argument), not a constant of your own.")
         if torch.allclose(result, without_weight, rtol=1e-4, atol=1e-5):
             return not_yet(RMS_NORM, "the learned weight is missing: the normalised vector is then scaled by it.")
         if torch.allclose(result, layer_norm_like, rtol=1e-4, atol=1e-5):
@@ -98,8 +104,8 @@ def _small_model() -> GPT:
 def check_temperature(apply_temperature: Callable[[torch.Tensor, float], torch.Tensor]) -> CheckResult:
     """Exercise 2: `apply_temperature(logits, temperature)` must return the distribution `GPT.generate`
     samples from: softmax over the last axis of `logits / temperature`, for 1-D and 2-D logits at
-    temperatures 0.5, 1 and 2; and at temperature 0 the limit, all probability on the token greedy
-    decoding (`generate` at temperature 0) picks."""
+    temperatures 0.5, 1 and 2; and at temperature 0 the limit, for `(vocab,)` and `(B, vocab)` logits:
+    in each row, all probability on the token greedy decoding (`generate` at temperature 0) picks."""
     generator = torch.Generator().manual_seed(5)
     for logits in (torch.randn(50, generator=generator) * 3, torch.randn(3, 40, generator=generator) * 3):
         for temperature in (0.5, 1.0, 2.0):
@@ -128,18 +134,27 @@ def check_temperature(apply_temperature: Callable[[torch.Tensor, float], torch.T
     with torch.no_grad():
         logits = model(prompt).logits[0, -1]  # (vocab,)
     greedy_token = model.generate(prompt, max_new_tokens=1, temperature=0)[0, -1].item()
-    value, verdict = call(TEMPERATURE, apply_temperature, logits.clone(), 0)
-    if verdict is not None:
-        return verdict
-    result = _as_tensor(value)
+    batch_prompt = torch.tensor([[3, 14, 15, 9, 2], [2, 7, 1, 8, 28], [1, 41, 42, 13, 5]])  # (B, T)
+    with torch.no_grad():
+        batch_logits = model(batch_prompt).logits[:, -1]  # (B, vocab)
+    batch_greedy = model.generate(batch_prompt, max_new_tokens=1, temperature=0)[:, -1]  # (B,)
     limit_hint = ("at temperature 0 the division has no value: return the limit of softmax(logits / T) as T "
                   "shrinks to 0 (try T = 0.01 and 0.001 and watch the largest probability).")
-    if result is None or result.shape != logits.shape or not torch.isfinite(result).all():
-        return not_yet(TEMPERATURE, limit_hint)
-    one_hot = torch.zeros_like(logits)
-    one_hot[greedy_token] = 1.0
-    if not torch.allclose(result, one_hot, atol=1e-6):
-        return not_yet(TEMPERATURE, limit_hint)
+    cases = ((logits, torch.nn.functional.one_hot(torch.tensor(greedy_token), logits.shape[-1])),
+             (batch_logits, torch.nn.functional.one_hot(batch_greedy, batch_logits.shape[-1])))
+    for case_logits, one_hot in cases:  # (vocab,), then (B, vocab): the limit row by row
+        value, verdict = call(TEMPERATURE, apply_temperature, case_logits.clone(), 0)
+        if verdict is not None:
+            return verdict
+        result = _as_tensor(value)
+        if result is None or result.shape != case_logits.shape or not torch.isfinite(result).all():
+            return not_yet(TEMPERATURE, limit_hint)
+        if case_logits.ndim == 2 and not torch.allclose(result.sum(-1), torch.ones(len(result)), atol=1e-4):
+            return not_yet(TEMPERATURE, "right for one row of logits, but at temperature 0 with logits (B, vocab) "
+                                        "each row is a distribution of its own: each must sum to 1, over the "
+                                        "last axis.")
+        if not torch.allclose(result, one_hot.float(), atol=1e-6):
+            return not_yet(TEMPERATURE, limit_hint)
     return right(TEMPERATURE)
 
 

@@ -17,9 +17,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     Each vector is the last axis of `x` `(..., d)`. Its mean square is taken over that axis with
     `keepdim=True`, so the result `(..., 1)` broadcasts back over the `d` entries. `eps` is added
     inside the square root: it keeps a vector of all zeros from dividing by zero, and for tiny
-    inputs it is not negligible, so where it goes changes the result. No mean is subtracted
-    (that is LayerNorm's step); the normalised vector is multiplied entry by entry by the learned
-    weight `(d,)`, which starts at ones and lets training pick each channel's scale.
+    inputs it is not negligible, so where it goes, and that it is the `eps` passed in rather than a
+    constant of one's own, changes the result. No mean is subtracted (that is LayerNorm's step);
+    the normalised vector is multiplied entry by entry by the learned weight `(d,)`, which starts
+    at ones and lets training pick each channel's scale.
     """
     mean_square = x.pow(2).mean(dim=-1, keepdim=True)  # (..., 1)
     return x / torch.sqrt(mean_square + eps) * weight  # (..., d)
@@ -35,7 +36,9 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     As T -> 0 the gap between the largest logit and any other grows without bound, so the largest
     logit's probability tends to 1 and every other to 0: sampling at T -> 0 is greedy decoding,
     which is why `GPT.generate` treats temperature 0 as "take the argmax". Dividing by 0 itself
-    is undefined, so 0 is returned as that limit, a one-hot vector at the argmax (ties aside).
+    is undefined, so 0 is returned as that limit, a one-hot vector at the argmax (ties aside). The
+    argmax is taken over the last axis, so for logits `(B, vocab)` each row gets its own one-hot:
+    every row is a separate next-token distribution.
     """
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
