@@ -20,7 +20,7 @@ text's length in UTF-8 bytes, so a tokenizer model and a character model compare
    first, and its clock counts training steps only.
 Both final evaluations use the whole validation text and are not counted in the wall time.
 
-Goal (from the issue): `mini` at most 2.2 bits per byte after 80 s, and below the baseline. For
+Goal: `mini` at most 2.2 bits per byte after 80 s, and below the baseline. For
 context, nanoGPT itself running that recipe on this 2-core machine reached 1.905 nats per
 character, about 2.75 bits per byte, in 80 s (measured earlier, not in this run).
 """
