@@ -26,3 +26,17 @@ def test_close_to_needs_a_finite_number_near_the_target():
     assert close_to(10.4, 10.0, abs_tol=0.5)
     assert not close_to(1.1, 1.0)
     assert not close_to("one", 1.0) and not close_to(None, 1.0) and not close_to(float("nan"), 1.0)
+
+
+def test_call_for_tensor_insists_on_a_tensor_and_detaches_it():
+    import torch
+
+    from minigpt.exercises import call_for_tensor
+
+    weight = torch.ones(3, requires_grad=True)
+    tensor, verdict = call_for_tensor("E", lambda: weight * 2)
+    assert verdict is None and not tensor.requires_grad and tensor.tolist() == [2.0, 2.0, 2.0]
+    tensor, verdict = call_for_tensor("E", lambda: [2.0, 2.0])
+    assert tensor is None and not verdict and verdict.hint == "return a tensor (got a list)."
+    tensor, verdict = call_for_tensor("E", lambda: None)
+    assert tensor is None and verdict.hint == UNSOLVED_HINT

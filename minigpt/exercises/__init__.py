@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 UNSOLVED_HINT = "the cell above still holds the unsolved template: fill it in, run it, then run this check again."
 
 
@@ -61,6 +63,19 @@ def call(exercise: str, function: Callable[..., Any], *args: Any, **kwargs: Any)
     if value is None:
         return None, not_yet(exercise, UNSOLVED_HINT)
     return value, None
+
+
+def call_for_tensor(exercise: str, function: Callable[..., Any], *args: Any) -> tuple[torch.Tensor | None, CheckResult | None]:
+    """`call`, then insist on a tensor: `(tensor detached from autograd, None)`, or `(None, verdict)`.
+
+    The shape, dtype and values are each exercise's own to check, with hints of its own.
+    """
+    value, verdict = call(exercise, function, *args)
+    if verdict is not None:
+        return None, verdict
+    if not isinstance(value, torch.Tensor):
+        return None, not_yet(exercise, f"return a tensor (got a {type(value).__name__}).")
+    return value.detach(), None
 
 
 def close_to(value: Any, expected: float, rel: float = 1e-6, abs_tol: float = 0.0) -> bool:

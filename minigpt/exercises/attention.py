@@ -21,7 +21,7 @@ import torch
 
 from minigpt.attention import KVCache, attention, causal_mask, kv_cache_bytes
 from minigpt.evals import pattern_scores
-from minigpt.exercises import CheckResult, call, close_to, not_yet, right
+from minigpt.exercises import CheckResult, call, call_for_tensor, close_to, not_yet, right
 from minigpt.model import GPTConfig, preset
 
 ATTEND = "Exercise 1 (attention for one head)"
@@ -29,11 +29,6 @@ DECODE_MASK = "Exercise 2 (the mask of cached decoding)"
 KV_CACHE_SIZE = "Exercise 3 (KV cache bytes)"
 ONLINE_SOFTMAX = "Exercise 4 (one online-softmax step)"
 INDUCTION_SCORE = "Exercise 5 (an induction score)"
-
-
-def _as_tensor(value) -> torch.Tensor | None:
-    """`value` detached from autograd, or None when it is not a tensor."""
-    return value.detach() if isinstance(value, torch.Tensor) else None
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> bool:
@@ -55,12 +50,9 @@ def check_attend(attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], to
     generator = torch.Generator().manual_seed(2)
     for T, d in ((6, 16), (11, 64)):
         q, k, v = (torch.randn(T, d, generator=generator) * 1.5 for _ in range(3))
-        value, verdict = call(ATTEND, attend, q.clone(), k.clone(), v.clone())
+        result, verdict = call_for_tensor(ATTEND, attend, q.clone(), k.clone(), v.clone())
         if verdict is not None:
             return verdict
-        result = _as_tensor(value)
-        if result is None:
-            return not_yet(ATTEND, f"return a tensor (got a {type(value).__name__}).")
         if result.shape != (T, d):
             return not_yet(ATTEND, f"for q, k, v of shape {(T, d)} the output has one row per query, shape "
                                    f"{(T, d)}; got {tuple(result.shape)}.")
@@ -97,12 +89,9 @@ def check_decode_mask(decode_mask: Callable[[int, int], torch.Tensor]) -> CheckR
     `n_queries` of the `n_keys` positions. Tried on training (square), prefill-like, one-token and
     several-token decoding shapes."""
     for n_queries, n_keys in ((5, 5), (1, 7), (3, 8), (2, 6), (4, 4), (6, 9)):
-        value, verdict = call(DECODE_MASK, decode_mask, n_queries, n_keys)
+        result, verdict = call_for_tensor(DECODE_MASK, decode_mask, n_queries, n_keys)
         if verdict is not None:
             return verdict
-        result = _as_tensor(value)
-        if result is None:
-            return not_yet(DECODE_MASK, f"return a tensor (got a {type(value).__name__}).")
         if result.shape != (n_queries, n_keys):
             return not_yet(DECODE_MASK, f"for {n_queries} queries and {n_keys} keys the mask has one row per "
                                         f"query and one column per key, shape {(n_queries, n_keys)}; got "

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from minigpt.exercises import CheckResult, call, close_to, not_yet, right
+from minigpt.exercises import CheckResult, call, call_for_tensor, close_to, not_yet, right
 from minigpt.model import GPT, GPTConfig, RMSNorm, preset
 from minigpt.train import bits_per_byte
 
@@ -24,13 +24,6 @@ RMS_NORM = "Exercise 1 (RMSNorm)"
 TEMPERATURE = "Exercise 2 (temperature)"
 BITS_PER_BYTE = "Exercise 3 (bits per byte)"
 PARAMETER_COUNT = "Exercise 4 (counting parameters)"
-
-
-def _as_tensor(value) -> torch.Tensor | None:
-    """`value` as a float tensor detached from autograd, or None when it is not a tensor."""
-    if not isinstance(value, torch.Tensor):
-        return None
-    return value.detach().float()
 
 
 # --- Exercise 1: RMSNorm ----------------------------------------------------------------------
@@ -57,12 +50,10 @@ def check_rms_norm(rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch
     an eps of 1e-2 on inputs so small that it is not negligible)."""
     for x, norm in _rms_norm_cases():
         weight = norm.weight.detach().clone()
-        value, verdict = call(RMS_NORM, rms_norm, x.clone(), weight, norm.eps)
+        result, verdict = call_for_tensor(RMS_NORM, rms_norm, x.clone(), weight, norm.eps)
         if verdict is not None:
             return verdict
-        result = _as_tensor(value)
-        if result is None:
-            return not_yet(RMS_NORM, f"return a tensor (got a {type(value).__name__}).")
+        result = result.float()
         if result.shape != x.shape:
             return not_yet(RMS_NORM, f"the output must have the input's shape {tuple(x.shape)}, got "
                                      f"{tuple(result.shape)}: reduce over the last axis with keepdim=True.")
@@ -109,12 +100,10 @@ def check_temperature(apply_temperature: Callable[[torch.Tensor, float], torch.T
     generator = torch.Generator().manual_seed(5)
     for logits in (torch.randn(50, generator=generator) * 3, torch.randn(3, 40, generator=generator) * 3):
         for temperature in (0.5, 1.0, 2.0):
-            value, verdict = call(TEMPERATURE, apply_temperature, logits.clone(), temperature)
+            result, verdict = call_for_tensor(TEMPERATURE, apply_temperature, logits.clone(), temperature)
             if verdict is not None:
                 return verdict
-            result = _as_tensor(value)
-            if result is None:
-                return not_yet(TEMPERATURE, f"return a tensor of probabilities (got a {type(value).__name__}).")
+            result = result.float()
             if result.shape != logits.shape:
                 return not_yet(TEMPERATURE, f"return one probability per logit: shape {tuple(logits.shape)}, "
                                             f"got {tuple(result.shape)}.")
@@ -143,11 +132,11 @@ def check_temperature(apply_temperature: Callable[[torch.Tensor, float], torch.T
     cases = ((logits, torch.nn.functional.one_hot(torch.tensor(greedy_token), logits.shape[-1])),
              (batch_logits, torch.nn.functional.one_hot(batch_greedy, batch_logits.shape[-1])))
     for case_logits, one_hot in cases:  # (vocab,), then (B, vocab): the limit row by row
-        value, verdict = call(TEMPERATURE, apply_temperature, case_logits.clone(), 0)
+        result, verdict = call_for_tensor(TEMPERATURE, apply_temperature, case_logits.clone(), 0)
         if verdict is not None:
             return verdict
-        result = _as_tensor(value)
-        if result is None or result.shape != case_logits.shape or not torch.isfinite(result).all():
+        result = result.float()
+        if result.shape != case_logits.shape or not torch.isfinite(result).all():
             return not_yet(TEMPERATURE, limit_hint)
         if case_logits.ndim == 2 and not torch.allclose(result.sum(-1), torch.ones(len(result)), atol=1e-4):
             return not_yet(TEMPERATURE, "right for one row of logits, but at temperature 0 with logits (B, vocab) "
