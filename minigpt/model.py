@@ -234,6 +234,34 @@ class GPT(nn.Module):
         """The transformer on input vectors `x` `(B, T, n_embd)` (token or image embeddings)."""
         if last_only and targets is not None:
             raise ValueError("targets need the logits of every position; last_only gives only the last")
+        x, attentions = self.residual_stream(x, kv_cache, return_attention, attention_impl)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, n_embd)
+        output_weight = self.lm_head.weight  # (vocab, n_embd)
+        if candidates is not None:
+            if not isinstance(candidates, torch.Tensor) or candidates.ndim != 1 or len(candidates) == 0:
+                raise ValueError(f"candidates must be a non-empty 1-D tensor of token ids, got {candidates!r}")
+            _check_ids(candidates[None], self.config.vocab_size, "candidates")
+            output_weight = output_weight[candidates]  # (n_candidates, n_embd)
+        logits = F.linear(self.final_norm(x), output_weight)  # (B, T, vocab or n_candidates)
+        loss = None
+        if targets is not None:
+            _check_ids(targets, len(output_weight), "targets" if candidates is None else "targets (positions in candidates)")
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return ModelOutput(logits, loss, attentions if return_attention else None)
+
+    def residual_stream(
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        return_attention: bool = False,
+        attention_impl: AttentionImpl = "sdpa",
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Input vectors `(B, T, n_embd)` through every block, before the final norm and output layer,
+        and each layer's attention probabilities (None unless `return_attention`).
+
+        A task scored at a few positions (a question's answer) normalizes and projects only those.
+        """
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention impl {attention_impl!r}; choose 'sdpa', 'explicit' or 'chunked'")
         past = len(kv_cache) if kv_cache is not None else 0
@@ -249,20 +277,7 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.blocks):
             x, weights = block(x, cos, sin, kv_cache, layer, attention_impl, return_attention)
             attentions.append(weights)
-        if last_only:
-            x = x[:, -1:]  # (B, 1, n_embd)
-        output_weight = self.lm_head.weight  # (vocab, n_embd)
-        if candidates is not None:
-            if not isinstance(candidates, torch.Tensor) or candidates.ndim != 1 or len(candidates) == 0:
-                raise ValueError(f"candidates must be a non-empty 1-D tensor of token ids, got {candidates!r}")
-            _check_ids(candidates[None], self.config.vocab_size, "candidates")
-            output_weight = output_weight[candidates]  # (n_candidates, n_embd)
-        logits = F.linear(self.final_norm(x), output_weight)  # (B, T, vocab or n_candidates)
-        loss = None
-        if targets is not None:
-            _check_ids(targets, len(output_weight), "targets" if candidates is None else "targets (positions in candidates)")
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return ModelOutput(logits, loss, attentions if return_attention else None)
+        return x, attentions
 
     @torch.no_grad()
     def generate(

@@ -411,6 +411,14 @@ def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
     return bool(flag_tensor.item())
 
 
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """One update: gradients of `loss`, clipped to a global norm of `grad_clip`, then the optimizer's step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
 def train(
     config: TrainConfig, out: Path | None = None, resume: Path | None = None, progress: bool = True,
     on_step: Callable[[dict], None] | None = None, save_dtype: str = "float32", save_optimizer: bool = True,
@@ -524,10 +532,7 @@ def train(
         candidates = copy_ids_here if step < config.copy_steps else None  # the curriculum scores only its own ids
         with rope_scaling_applied(model, next_scaling()), positions_skipped(model, *next_skip()):
             loss = ddp_model(x[local].to(device), y[local].to(device), candidates=candidates).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        optimizer_step(model, optimizer, loss, config.grad_clip)
         seconds = time.perf_counter() - clock
         history["step"].append(step + 1)
         history["train_loss"].append(loss.item())

@@ -618,3 +618,198 @@ def kv_cache_explorer(model: GPT, tok: TokenizerLike, prompt: str = DEFAULT_PROM
     slider.observe(lambda change: redraw(change["new"]), names="value")
     redraw(0)
     return widgets.VBox([slider, text_panel, picture])
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision: a prompt of text tokens and image patches, and where the answer looks in the image
+
+PATCH_HEAT = "inferno"  # attention on an image token: 0 (black) to the largest shown (pale yellow)
+
+
+def _image_pixels(image) -> np.ndarray:
+    """An image `(C, H, W)` in [0, 1] (numpy or torch) as `(H, W, C)` float for `imshow`."""
+    pixels = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if pixels.ndim != 3:
+        raise ValueError(f"image must have shape (channels, height, width), got {tuple(pixels.shape)}")
+    return np.clip(pixels.transpose(1, 2, 0).astype(np.float32), 0.0, 1.0)
+
+
+def _draw_grid(ax, height: int, width: int, cell: int, color: str = "#9ca3af") -> None:
+    """Thin lines on the borders of `cell` x `cell` pixel squares."""
+    for x in range(cell, width, cell):
+        ax.axvline(x - 0.5, color=color, linewidth=0.8)
+    for y in range(cell, height, cell):
+        ax.axhline(y - 0.5, color=color, linewidth=0.8)
+
+
+def _wrap_label(label: str, width: int = 9) -> str:
+    """A token label on at most two lines, broken after `|`, `_` or at `width` characters."""
+    if len(label) <= width:
+        return label
+    for mark in ("_", "|"):
+        cut = label.find(mark, 2, len(label) - 2)
+        if cut > 0:
+            return label[: cut + 1] + "\n" + label[cut + 1 :]
+    return label[:width] + "\n" + label[width:]
+
+
+def plot_image_prompt(
+    labels: Sequence[str], image, slots: Sequence[bool], cell: int, specials: Collection[int] = (),
+    per_row: int = 12, title: str | None = None,
+) -> Figure:
+    """One prompt as the language model reads it: each position a box, in reading order, `per_row`
+    to a line; text tokens show their text, special tokens (positions in `specials`) are bold red,
+    and each `<|image|>` slot (`slots[i]` true) shows the piece of `image` `(C, H, W)` it stands for:
+    `cell` x `cell` pixels, the image's pieces taken row by row. On the left, the image with those
+    pieces outlined and numbered."""
+    if len(labels) != len(slots):
+        raise ValueError(f"{len(labels)} labels but {len(slots)} slot flags: give one of each per position")
+    pixels = _image_pixels(image)
+    height, width = pixels.shape[:2]
+    if height % cell or width % cell:
+        raise ValueError(f"cell ({cell}) must divide the image's {height} x {width} pixels")
+    columns = width // cell
+    n_slots = sum(bool(s) for s in slots)
+    if n_slots != (height // cell) * columns:
+        raise ValueError(f"{n_slots} <|image|> slots, but the image has {(height // cell) * columns} pieces of "
+                         f"{cell} x {cell} pixels")
+    n_rows = math.ceil(len(labels) / per_row)
+    figure = Figure(figsize=(13, 1.2 + 0.75 * max(n_rows, 3)), layout="constrained")
+    image_ax, sequence_ax = figure.subplots(1, 2, width_ratios=(1, 3.6))
+    image_ax.imshow(pixels, interpolation="nearest")
+    _draw_grid(image_ax, height, width, cell)
+    for piece in range(n_slots):
+        row, column = divmod(piece, columns)
+        image_ax.text(column * cell + 0.2, row * cell + 0.9, str(piece), color="white", fontsize=7,
+                      bbox={"facecolor": "#1d4ed8", "edgecolor": "none", "pad": 0.8, "alpha": 0.8})
+    image_ax.set(xlabel="pixel column", ylabel="pixel row", title=f"the image: {n_slots} pieces, numbered")
+    piece = 0
+    for position, (label, is_slot) in enumerate(zip(labels, slots)):
+        row, column = divmod(position, per_row)
+        left, top = column + 0.05, row + 0.12
+        if is_slot:
+            r, c = divmod(piece, columns)
+            sequence_ax.imshow(pixels[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell],
+                               extent=(left + 0.1, left + 0.8, top + 0.72, top + 0.02), interpolation="nearest")
+            sequence_ax.add_patch(Rectangle((left, top), 0.9, 0.76, fill=False, edgecolor="#1d4ed8", linewidth=1.6))
+            sequence_ax.text(left + 0.88, top + 0.74, str(piece), color="#1d4ed8", fontsize=6, ha="right", va="bottom")
+            piece += 1
+        else:
+            special = position in specials
+            sequence_ax.add_patch(Rectangle((left, top), 0.9, 0.76, facecolor="#fff" if special else "#f3f4f6",
+                                            edgecolor="#9b1c1c" if special else "#9ca3af",
+                                            linewidth=1.6 if special else 0.8))
+            sequence_ax.text(left + 0.45, top + 0.38, _wrap_label(label), ha="center", va="center",
+                             fontsize=6.5, color="#9b1c1c" if special else TEXT_COLOR,
+                             fontweight="bold" if special else "normal", family="monospace")
+        sequence_ax.text(left + 0.02, top - 0.01, str(position), fontsize=5.5, color=MUTED_COLOR, va="bottom")
+    sequence_ax.set(xlim=(0, per_row), ylim=(max(n_rows, 1), 0), aspect="auto")
+    sequence_ax.set_xticks([c + 0.5 for c in range(per_row)], [f"+{c}" for c in range(per_row)], fontsize=7)
+    sequence_ax.set_yticks([r + 0.5 for r in range(n_rows)], [str(r * per_row) for r in range(n_rows)], fontsize=7)
+    sequence_ax.set(xlabel="position within the line (added to the line's first position)",
+                    ylabel="first position of the line",
+                    title=f"the sequence: {len(labels)} positions, {n_slots} of them image slots (blue)")
+    for spine in sequence_ax.spines.values():
+        spine.set_visible(False)
+    figure.suptitle(title or "text tokens and image pieces in one sequence", fontsize=11)
+    return figure
+
+
+def plot_patch_attention(
+    image, attention: torch.Tensor, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+    title: str | None = None, annotate: bool | None = None,
+) -> Figure:
+    """Where the position that writes the answer looks in the image: `attention`
+    `(n_layer, n_head, grid, grid)` (what `minigpt.vision.answer_attention` returns: each head's
+    probability on each image token) drawn over `image` `(C, H, W)`, upscaled so that each token
+    covers its square of pixels. One panel per layer (rows) and head (columns), all on one colour
+    scale; each title gives the head's total share of attention on the image (the rest goes to
+    text). `annotate` writes every token's share in its square (default: when at most 4 panels)."""
+    attention = torch.as_tensor(attention).detach().float().cpu()
+    if attention.ndim != 4 or attention.shape[-1] != attention.shape[-2]:
+        raise ValueError(f"attention must have shape (n_layer, n_head, grid, grid), got {tuple(attention.shape)}")
+    n_layer, n_head, grid, _ = attention.shape
+    pixels = _image_pixels(image)
+    height, width = pixels.shape[:2]
+    if height % grid or width % grid:
+        raise ValueError(f"a {grid} x {grid} token grid does not tile a {height} x {width} image")
+    layers = list(range(n_layer)) if layers is None else list(layers)
+    heads = list(range(n_head)) if heads is None else list(heads)
+    if not layers or not heads:
+        raise ValueError("layers and heads must each name at least one (or be None for all)")
+    for name, chosen, count in (("layer", layers, n_layer), ("head", heads, n_head)):
+        if any(not 0 <= i < count for i in chosen):
+            raise ValueError(f"{name}s must lie in 0..{count - 1}, got {chosen}")
+    panels = len(layers) * len(heads)
+    annotate = panels <= 4 if annotate is None else annotate
+    side = 4.2 if panels == 1 else (3.0 if panels <= 4 else 2.1)
+    figure = Figure(figsize=(side * len(heads) + 1.2, side * len(layers) + 0.8), layout="constrained")
+    axes = figure.subplots(len(layers), len(heads), squeeze=False)
+    shown = attention[layers][:, heads]  # (len(layers), len(heads), grid, grid)
+    vmax = max(shown.max().item(), 1e-9)
+    cell = height // grid
+    for (row, layer), (column, head) in itertools.product(enumerate(layers), enumerate(heads)):
+        ax, weights = axes[row, column], attention[layer, head]  # weights (grid, grid)
+        ax.imshow(pixels, interpolation="nearest")
+        heat = ax.imshow(weights.numpy(), cmap=PATCH_HEAT, vmin=0.0, vmax=vmax, alpha=0.6, interpolation="nearest",
+                         extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+        _draw_grid(ax, height, width, cell, color="#6b7280")
+        if annotate:
+            for (r, c), value in np.ndenumerate(weights.numpy()):
+                ax.text(c * cell + cell / 2 - 0.5, r * cell + cell / 2 - 0.5, f"{100 * value:.2g}%", ha="center", va="center",
+                        fontsize=8 if panels == 1 else 6, color="white" if value < 0.6 * vmax else "black")
+        separator = " · " if panels <= 4 else "\n"
+        ax.set_title(f"layer {layer} · head {head}{separator}{weights.sum().item():.0%} on the image", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("pixel column" if row == len(layers) - 1 else "", fontsize=7)
+        ax.set_ylabel("pixel row" if column == 0 else "", fontsize=7)
+    figure.colorbar(heat, ax=axes.ravel().tolist(), shrink=0.7 if len(layers) > 1 else 0.9,
+                    label="attention on the image token")
+    figure.suptitle(title or "where the answer position looks among the image tokens", fontsize=10)
+    return figure
+
+
+def patch_attention_explorer(model, examples: Sequence, layer: int | None = None,
+                             head: int | None = None) -> widgets.VBox:
+    """An interactive `plot_patch_attention`: menus for the example, the layer (or all layers) and the
+    head (or all heads), and a line with the question, the right answer and the model's own.
+
+    `model` is a `minigpt.vision.VisionLanguageModel` and `examples` are `minigpt.visual_math.Example`s;
+    each example's attention and answer are computed when it is first chosen, then kept.
+    """
+    from minigpt.vision import answer_attention, answer_questions  # here: viz stays importable without it
+
+    if not examples:
+        raise ValueError("examples must hold at least one example to show")
+    n_layer, n_head = model.lm.config.n_layer, model.lm.config.n_head
+    example_menu = widgets.Dropdown(
+        options=[(f"{number}: {example.kind} · {example.question}", number) for number, example in enumerate(examples)],
+        value=0, description="example", layout=widgets.Layout(width="60%"))
+    layer_menu = widgets.Dropdown(options=[("all layers", -1)] + [(f"layer {i}", i) for i in range(n_layer)],
+                                  value=-1 if layer is None else layer, description="layer")
+    head_menu = widgets.Dropdown(options=[("all heads", -1)] + [(f"head {h}", h) for h in range(n_head)],
+                                 value=-1 if head is None else head, description="head")
+    text_panel, picture = widgets.HTML(), widgets.Image(format="png")
+    seen: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def redraw(*_) -> None:
+        number = example_menu.value
+        example = examples[number]
+        if number not in seen:
+            seen[number] = (answer_attention(model, example), answer_questions(model, [example])[0])
+        attention, said = seen[number]
+        right = said.strip().removesuffix(".").strip() == example.answer
+        verdict = '<span style="color:#15803d">right</span>' if right else '<span style="color:#b91c1c">wrong</span>'
+        text_panel.value = (f'<div style="font-family:sans-serif;font-size:0.9em">{html.escape(example.question)} '
+                            f"Answer <b>{html.escape(example.answer)}</b>; the model says "
+                            f"<b>{html.escape(said)}</b> ({verdict}).</div>")
+        layers = list(range(n_layer)) if layer_menu.value < 0 else [layer_menu.value]
+        heads = list(range(n_head)) if head_menu.value < 0 else [head_menu.value]
+        _show_png(picture, plot_patch_attention(example.image, attention, layers, heads,
+                                                title=f"example {number} ({example.kind}): where the answer position looks"))
+
+    for control in (example_menu, layer_menu, head_menu):
+        control.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([example_menu, layer_menu, head_menu]), text_panel, picture])

@@ -734,3 +734,70 @@ def test_last_only_refuses_targets():
     model = small_model()
     with pytest.raises(ValueError, match="last_only gives only the last"):
         model(random_ids(1, 5), random_ids(1, 5), last_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# residual_stream: the blocks alone, before the final norm and the output layer
+
+
+def test_residual_stream_then_norm_and_head_gives_the_forward_logits():
+    model = small_model()
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        hidden, attentions = model.residual_stream(model.embed(ids))
+        logits = model.lm_head(model.final_norm(hidden))
+        forward = model(ids).logits
+    assert hidden.shape == (2, 12, model.config.n_embd)
+    assert attentions == [None] * model.config.n_layer
+    assert torch.equal(logits, forward)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_residual_stream_attention_weights_and_impls_match_the_forward(impl):
+    model = small_model()
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        hidden, attentions = model.residual_stream(model.embed(ids), return_attention=True, attention_impl=impl)
+        forward = model(ids, return_attention=True, attention_impl=impl)
+        plain, _ = model.residual_stream(model.embed(ids))
+    assert len(attentions) == model.config.n_layer
+    for mine, theirs in zip(attentions, forward.attentions):
+        assert mine.shape == (1, model.config.n_head, 10, 10) and torch.equal(mine, theirs)
+    torch.testing.assert_close(model.lm_head(model.final_norm(hidden)), forward.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hidden, plain, rtol=0, atol=1e-5)
+
+
+def test_residual_stream_with_a_kv_cache_continues_the_full_stream():
+    model = small_model()
+    ids = random_ids(2, 14)
+    with torch.no_grad():
+        full, _ = model.residual_stream(model.embed(ids))
+        cache = model.new_kv_cache(2)
+        first, _ = model.residual_stream(model.embed(ids[:, :9]), kv_cache=cache)
+        second, _ = model.residual_stream(model.embed(ids[:, 9:]), kv_cache=cache)
+    assert len(cache) == 14
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_residual_stream_is_causal_and_takes_any_input_vectors():
+    model = small_model()
+    x = torch.randn(1, 8, model.config.n_embd)
+    changed = x.clone()
+    changed[:, 5:] += 1.0
+    with torch.no_grad():
+        before, _ = model.residual_stream(x)
+        after, _ = model.residual_stream(changed)
+    torch.testing.assert_close(before[:, :5], after[:, :5], rtol=0, atol=1e-6)  # earlier positions never see later ones
+    assert not torch.allclose(before[:, 5:], after[:, 5:])
+
+
+def test_residual_stream_refuses_an_unknown_impl_and_too_long_an_input():
+    model = small_model()
+    with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+        model.residual_stream(torch.randn(1, 4, model.config.n_embd), attention_impl="flash")
+    with pytest.raises(ValueError, match=f"0 cached \\+ {CONTEXT + 1} new tokens exceed the model's context of {CONTEXT}"):
+        model.residual_stream(torch.randn(1, CONTEXT + 1, model.config.n_embd))
+    cache = model.new_kv_cache(1)
+    model.residual_stream(torch.randn(1, CONTEXT - 2, model.config.n_embd), kv_cache=cache)
+    with pytest.raises(ValueError, match=f"{CONTEXT - 2} cached \\+ 3 new tokens exceed"):
+        model.residual_stream(torch.randn(1, 3, model.config.n_embd), kv_cache=cache)

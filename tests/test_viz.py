@@ -727,3 +727,139 @@ def test_kv_cache_explorer_steps_through_decoding(course_tok, course_gpt):
     assert f"{n_prompt + 2} positions cached, {(n_prompt + 2) * per_position:,} bytes" in text_panel.value
     assert cached_text(text_panel.value) == "".join(labels[: n_prompt + 2])
     assert picture.value != first
+
+
+# --- vision: plot_image_prompt, plot_patch_attention, patch_attention_explorer ------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vision_model():
+    from minigpt import vision
+
+    torch.manual_seed(0)
+    lm = GPT(GPTConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=32))
+    return vision.VisionLanguageModel(vision.VisionConfig(n_layer=1, n_embd=32, projector_hidden=32), lm).eval()
+
+
+@pytest.fixture(scope="module")
+def vision_examples():
+    from minigpt import visual_math
+
+    return visual_math.benchmark(1)  # one held-out example of each question type
+
+
+def test_plot_image_prompt_draws_every_position_and_each_slot_with_its_piece(course_tok, vision_examples):
+    from minigpt import vision
+    from minigpt.viz import MUTED_COLOR, plot_image_prompt
+
+    example = vision_examples[3]  # a bar chart
+    ids = vision.prompt_ids(course_tok, example.question, 16)
+    slot = course_tok.special_tokens["<|image|>"]
+    specials = {i for i, token in enumerate(ids) if token in set(course_tok.special_tokens.values())}
+    figure = plot_image_prompt(token_labels(course_tok, ids), example.image, [t == slot for t in ids], 4, specials,
+                               per_row=10, title="one prompt")
+    image_ax, sequence_ax = figure.axes
+    assert figure._suptitle.get_text() == "one prompt"
+    assert image_ax.get_title() and sequence_ax.get_title()
+    assert image_ax.get_xlabel() and image_ax.get_ylabel() and sequence_ax.get_xlabel() and sequence_ax.get_ylabel()
+    assert np.allclose(image_ax.images[0].get_array(), example.image.transpose(1, 2, 0))
+    thumbnails = sequence_ax.images
+    assert len(thumbnails) == 16
+    for piece, thumbnail in enumerate(thumbnails):  # slot k shows piece k, the pieces row by row
+        row, column = divmod(piece, 4)
+        assert np.allclose(thumbnail.get_array(), example.image[:, 4 * row : 4 * row + 4, 4 * column : 4 * column + 4]
+                           .transpose(1, 2, 0))
+    position_numbers = [t.get_text() for t in sequence_ax.texts if t.get_color() == MUTED_COLOR]
+    assert position_numbers == [str(p) for p in range(len(ids))]  # every box numbered, in order
+    piece_numbers = [t.get_text() for t in sequence_ax.texts if to_rgba(t.get_color()) == to_rgba("#1d4ed8")]
+    assert piece_numbers == [str(p) for p in range(16)]
+    assert "<|im_" in "".join(t.get_text().replace("\n", "") for t in sequence_ax.texts)
+    assert len(sequence_ax.get_yticks()) == -(-len(ids) // 10)  # lines of 10, the last one partial
+
+
+def test_plot_image_prompt_refuses_slots_that_do_not_match_the_image(vision_examples):
+    from minigpt.viz import plot_image_prompt
+
+    image = vision_examples[0].image
+    with pytest.raises(ValueError, match="one of each"):
+        plot_image_prompt(["a", "b"], image, [True], 4)
+    with pytest.raises(ValueError, match="3 <|image|> slots"):
+        plot_image_prompt(["a", "b", "c"], image, [True, True, True], 4)
+    with pytest.raises(ValueError, match="must divide"):
+        plot_image_prompt(["a"], image, [True], 5)
+
+
+def test_plot_patch_attention_draws_every_layer_and_head_over_the_image(tiny_vision_model, vision_examples):
+    from minigpt.vision import answer_attention
+    from minigpt.viz import plot_patch_attention
+
+    example = vision_examples[1]
+    attention = answer_attention(tiny_vision_model, example)  # (1, 2, 4, 4)
+    figure = plot_patch_attention(example.image, attention, title="where it looks")
+    assert figure._suptitle.get_text() == "where it looks"
+    panels = image_axes(figure)
+    assert len(panels) == 2  # one layer, two heads
+    for head, ax in enumerate(panels):
+        picture, heat = ax.images
+        assert np.allclose(picture.get_array(), example.image.transpose(1, 2, 0))
+        assert np.allclose(heat.get_array(), attention[0, head].numpy())
+        assert heat.get_extent() == [-0.5, 15.5, 15.5, -0.5]  # each token covers its 4 x 4 pixels
+        assert ax.get_title() == f"layer 0 · head {head} · {attention[0, head].sum().item():.0%} on the image"
+        assert ax.get_xlabel() == "pixel column"
+        assert len([t for t in ax.texts if t.get_text().endswith("%")]) == 16  # two panels: annotated
+    assert panels[0].get_ylabel() == "pixel row"
+    shared = {ax.images[1].get_clim() for ax in panels}
+    assert shared == {(0.0, attention.max().item())}  # one colour scale for every panel
+    colorbar_axes = [ax for ax in figure.axes if ax not in panels]
+    assert colorbar_axes and "attention" in colorbar_axes[0].get_ylabel()
+
+
+def test_plot_patch_attention_picks_layers_and_heads_and_refuses_bad_input(vision_examples):
+    from minigpt.viz import plot_patch_attention
+
+    image = vision_examples[0].image
+    attention = torch.rand(3, 4, 4, 4) / 16
+    figure = plot_patch_attention(image, attention, layers=[2], heads=[1, 3])
+    titles = [ax.get_title() for ax in image_axes(figure)]
+    assert [t.split(" · ")[:2] for t in titles] == [["layer 2", "head 1"], ["layer 2", "head 3"]]
+    assert len(image_axes(plot_patch_attention(image, attention))) == 12
+    assert not image_axes(plot_patch_attention(image, attention))[0].texts  # 12 panels: not annotated
+    with pytest.raises(ValueError, match="grid, grid"):
+        plot_patch_attention(image, torch.rand(1, 2, 4, 3))
+    with pytest.raises(ValueError, match="does not tile"):
+        plot_patch_attention(image, torch.rand(1, 2, 5, 5))
+    with pytest.raises(ValueError, match="heads must lie in 0..3"):
+        plot_patch_attention(image, attention, heads=[4])
+    with pytest.raises(ValueError, match="channels, height, width"):
+        plot_patch_attention(image[0], attention)
+
+
+def test_patch_attention_explorer_builds_and_redraws(tiny_vision_model, vision_examples):
+    from minigpt.vision import answer_questions
+    from minigpt.viz import patch_attention_explorer
+
+    explorer = patch_attention_explorer(tiny_vision_model, vision_examples)
+    menus, text_panel, picture = explorer.children
+    example_menu, layer_menu, head_menu = menus.children
+    assert [value for _, value in example_menu.options] == list(range(len(vision_examples)))
+    assert example_menu.options[3][0] == f"3: which_bar · {vision_examples[3].question}"
+    assert layer_menu.options == (("all layers", -1), ("layer 0", 0))
+    assert head_menu.options == (("all heads", -1), ("head 0", 0), ("head 1", 1))
+    said = answer_questions(tiny_vision_model, vision_examples[:1])[0]
+    assert vision_examples[0].question in text_panel.value
+    assert f"Answer <b>{vision_examples[0].answer}</b>" in text_panel.value
+    assert f"the model says <b>{html.escape(said)}</b>" in text_panel.value
+    both_heads = picture.value
+    width, height = png_size(both_heads)
+    assert width > 1.5 * height and picture.layout.width == f"{width}px"
+
+    head_menu.value = 1
+    one_head = picture.value
+    width, height = png_size(one_head)
+    assert one_head != both_heads and 0.8 * width < height < 1.3 * width
+
+    example_menu.value = 3
+    assert vision_examples[3].question in text_panel.value
+    assert picture.value != one_head
+    with pytest.raises(ValueError, match="at least one example"):
+        patch_attention_explorer(tiny_vision_model, [])
