@@ -230,6 +230,24 @@ def bits_per_byte(model: GPT, tokens: torch.Tensor, byte_lengths: torch.Tensor, 
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def checkpoint_weights(model: nn.Module, dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """`model`'s state dict on the CPU in `dtype` (one of `SAVE_DTYPES`), ready for `torch.save`.
+    Tensors that share storage (tied weights) stay one tensor, so the file holds them once."""
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(SAVE_DTYPES)}, not {dtype!r}")
+    cast: dict[int, torch.Tensor] = {}  # by storage
+    return {name: cast.setdefault(tensor.data_ptr(), tensor.detach().to(device="cpu", dtype=SAVE_DTYPES[dtype]))
+            for name, tensor in model.state_dict().items()}
+
+
+def weight_decay_groups(module: nn.Module, weight_decay: float, **options) -> list[dict]:
+    """AdamW parameter groups for `module`: matrices decay by `weight_decay`, vectors (norm gains,
+    biases) do not. `options` (a learning rate, say) are set on both groups."""
+    parameters = list(module.parameters())
+    return [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay, **options},
+            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0, **options}]
+
+
 def save_checkpoint(
     path: str | Path, model: GPT, optimizer: torch.optim.Optimizer | None, step: int, train_config: TrainConfig,
     history: dict, dtype: str = "float32", command: str = "",
@@ -240,13 +258,9 @@ def save_checkpoint(
     optimizer the checkpoint is for inference only and cannot be resumed. `command` records how it
     was made.
     """
-    if dtype not in SAVE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(SAVE_DTYPES)}, not {dtype!r}")
+    weights = checkpoint_weights(model, dtype)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cast: dict[int, torch.Tensor] = {}  # by storage, so tied weights stay one tensor in the file
-    weights = {name: cast.setdefault(tensor.data_ptr(), tensor.to(device="cpu", dtype=SAVE_DTYPES[dtype]))
-               for name, tensor in model.state_dict().items()}
     checkpoint = {
         "model": weights,
         "model_config": asdict(model.config),
@@ -285,7 +299,7 @@ class CheckpointError(ValueError):
     """A file that minigpt will not load as a checkpoint; the message is one line naming the file and why."""
 
 
-def _refusal_reason(path: Path, error: Exception) -> str:
+def refusal_reason(path: Path, error: Exception) -> str:
     """Why `torch.load` or the model refused `path`, in one line, without torch's own advice (which,
     for a pickle holding code, suggests loading it unsafely)."""
     if isinstance(error, pickle.UnpicklingError):
@@ -318,7 +332,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         model = GPT(GPTConfig(**checkpoint["model_config"])).to(device)
         model.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
     except Exception as error:  # a truncated, corrupt, foreign or unsafe file
-        raise CheckpointError(f"{path} is not a readable minigpt checkpoint: {_refusal_reason(path, error)}") from None
+        raise CheckpointError(f"{path} is not a readable minigpt checkpoint: {refusal_reason(path, error)}") from None
     return model, checkpoint
 
 
@@ -467,11 +481,8 @@ def train(
     if config.copy_steps and config.copy_length > model_config.context:
         raise ValueError(f"copy_length ({config.copy_length}) must fit the context ({model_config.context})")
     model.to(device)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": config.weight_decay},
-         {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
-        lr=config.learning_rate, betas=(0.9, 0.95),
-    )
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, config.weight_decay), lr=config.learning_rate,
+                                  betas=(0.9, 0.95))
     history = {"step": [], "train_loss": [], "val_step": [], "val_bpb": [], "val_induction": [], "seconds": []}
     start_step = 0
     if resume is not None:

@@ -51,8 +51,8 @@ from minigpt import visual_math
 from minigpt.attention import attention, sdpa_attention
 from minigpt.model import GPT, GPTConfig, RMSNorm, SwiGLU
 from minigpt.tokenizer import Tokenizer
-from minigpt.train import (CHECKPOINT_DIR, SAVE_DTYPES, CheckpointError, _refusal_reason, load_checkpoint, load_tokenizer,
-                           optimizer_step)
+from minigpt.train import (CHECKPOINT_DIR, SAVE_DTYPES, CheckpointError, checkpoint_weights, load_checkpoint,
+                           load_tokenizer, optimizer_step, refusal_reason, weight_decay_groups)
 
 RESULTS_DIR = CHECKPOINT_DIR.parent / "vision"
 IMAGE_MARKERS = ("<|image_start|>", "<|image|>", "<|image_end|>")
@@ -455,13 +455,9 @@ def answer_attention(model: VisionLanguageModel, example: visual_math.Example) -
 def save_vision_checkpoint(path: str | Path, model: VisionLanguageModel, train_config: VisionTrainConfig,
                            history: dict, dtype: str = "float16", command: str = "") -> None:
     """Write encoder, projector and language model with both configs: the path is all a loader needs."""
-    if dtype not in SAVE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(SAVE_DTYPES)}, not {dtype!r}")
+    weights = checkpoint_weights(model, dtype)  # the tied embedding stays one tensor
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cast: dict[int, torch.Tensor] = {}  # by storage, so the tied embedding stays one tensor
-    weights = {name: cast.setdefault(t.data_ptr(), t.detach().to("cpu", SAVE_DTYPES[dtype]))
-               for name, t in model.state_dict().items()}
     torch.save({"model": weights, "vision_config": asdict(model.vision_config), "model_config": asdict(model.lm.config),
                 "train_config": json.dumps(asdict(train_config)), "history": json.dumps(history),
                 "command": command}, path)
@@ -488,7 +484,7 @@ def load_vision_checkpoint(path: str | Path) -> tuple[VisionLanguageModel, dict]
     except CheckpointError:
         raise
     except Exception as error:
-        raise CheckpointError(f"{path} is not a readable minigpt vision checkpoint: {_refusal_reason(path, error)}") from None
+        raise CheckpointError(f"{path} is not a readable minigpt vision checkpoint: {refusal_reason(path, error)}") from None
     return model, checkpoint
 
 
@@ -523,12 +519,6 @@ def _rate(step: int, total: int, config: VisionTrainConfig) -> float:
     return config.min_lr_fraction + (1 - config.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    parameters = list(module.parameters())
-    return [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay, "lr": lr, "peak": lr},
-            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0, "lr": lr, "peak": lr}]
-
-
 def train_vision(config: VisionTrainConfig, vision_config: VisionConfig = VisionConfig(), progress: bool = True,
                  lm: GPT | None = None) -> tuple[VisionLanguageModel, dict]:
     """Train encoder and projector from scratch on the benchmark's training split, and the language
@@ -538,7 +528,7 @@ def train_vision(config: VisionTrainConfig, vision_config: VisionConfig = Vision
                          f"{config.frozen_steps} and {config.steps}")
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {config.batch_size}")
-    kinds = visual_math._check_kinds(config.kinds)
+    kinds = visual_math.check_kinds(config.kinds)
     torch.manual_seed(config.seed)
     if lm is None:
         init_from = Path(config.init_from)
@@ -549,8 +539,9 @@ def train_vision(config: VisionTrainConfig, vision_config: VisionConfig = Vision
     tokenizer = load_tokenizer(lm.config.tokenizer)
     image_path = nn.ModuleList([model.encoder, model.projector])
     optimizer = torch.optim.AdamW(
-        _param_groups(image_path, config.learning_rate, config.weight_decay)
-        + _param_groups(model.lm, config.lm_learning_rate, config.weight_decay), betas=(0.9, 0.95))
+        weight_decay_groups(image_path, config.weight_decay, lr=config.learning_rate, peak=config.learning_rate)
+        + weight_decay_groups(model.lm, config.weight_decay, lr=config.lm_learning_rate, peak=config.lm_learning_rate),
+        betas=(0.9, 0.95))  # "peak": each group's rate before the schedule scales it
     rng = np.random.default_rng(config.seed)
     total = config.frozen_steps + config.steps
     history = {"step": [], "train_loss": [], "seconds": [], "frozen_steps": config.frozen_steps}
@@ -594,9 +585,12 @@ def swapped_images(examples: Sequence[visual_math.Example], seed: int = 0) -> tu
     """For each example, the image of another held-out example with the same question and a different
     answer, and that image's answer: a model that looks must follow the image."""
     rng = np.random.default_rng(seed)
+    by_question: dict[str, list[visual_math.Example]] = {}
+    for example in examples:
+        by_question.setdefault(example.question, []).append(example)
     images, answers = [], []
     for example in examples:
-        others = [other for other in examples if other.question == example.question and other.answer != example.answer]
+        others = [other for other in by_question[example.question] if other.answer != example.answer]
         if not others:
             raise ValueError(f"no other example asks {example.question!r} with a different answer; use more examples")
         other = others[int(rng.integers(len(others)))]

@@ -193,7 +193,8 @@ GENERATORS = {
 }
 
 
-def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    """`kinds` as a tuple, or a clear error unless it names some of `KINDS` and nothing else."""
     kinds = tuple(kinds)
     unknown = [kind for kind in kinds if kind not in KINDS]
     if unknown or not kinds:
@@ -203,13 +204,13 @@ def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
 
 def training_examples(rng: np.random.Generator, n: int, kinds: Iterable[str] = KINDS) -> list[Example]:
     """`n` training examples, each of a question type drawn uniformly from `kinds`."""
-    kinds = _check_kinds(kinds)
+    kinds = check_kinds(kinds)
     return [GENERATORS[kinds[int(rng.integers(len(kinds)))]](rng, "train") for _ in range(n)]
 
 
 def benchmark(per_kind: int = 200, kinds: Iterable[str] = KINDS, seed: int = 1234) -> list[Example]:
     """The held-out benchmark: `per_kind` test examples of each question type, always the same for a seed."""
-    kinds = _check_kinds(kinds)
+    kinds = check_kinds(kinds)
     if not isinstance(per_kind, int) or per_kind < 1:
         raise ValueError(f"per_kind must be a positive integer, got {per_kind!r}")
     rng = np.random.default_rng(seed)
@@ -218,7 +219,7 @@ def benchmark(per_kind: int = 200, kinds: Iterable[str] = KINDS, seed: int = 123
 
 def chance(kind: str) -> float:
     """The accuracy of guessing uniformly among the type's possible answers."""
-    _check_kinds([kind])
+    check_kinds([kind])
     return 1 / len(ANSWERS[kind])
 
 

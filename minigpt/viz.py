@@ -779,6 +779,7 @@ def patch_attention_explorer(model, examples: Sequence, layer: int | None = None
     each example's attention and answer are computed when it is first chosen, then kept.
     """
     from minigpt.vision import answer_attention, answer_questions  # here: viz stays importable without it
+    from minigpt.visual_math import normalize_answer
 
     if not examples:
         raise ValueError("examples must hold at least one example to show")
@@ -799,7 +800,7 @@ def patch_attention_explorer(model, examples: Sequence, layer: int | None = None
         if number not in seen:
             seen[number] = (answer_attention(model, example), answer_questions(model, [example])[0])
         attention, said = seen[number]
-        right = said.strip().removesuffix(".").strip() == example.answer
+        right = normalize_answer(said) == example.answer  # as the benchmark's scorer compares
         verdict = '<span style="color:#15803d">right</span>' if right else '<span style="color:#b91c1c">wrong</span>'
         text_panel.value = (f'<div style="font-family:sans-serif;font-size:0.9em">{html.escape(example.question)} '
                             f"Answer <b>{html.escape(example.answer)}</b>; the model says "
