@@ -497,7 +497,7 @@ class VisionTrainConfig:
 
     init_from: str = "data/checkpoints/mini.pt"  # the language model to start from
     frozen_steps: int = 0  # first, steps with the language model frozen (only encoder and projector learn)
-    steps: int = 4000  # then steps training everything jointly
+    steps: int = 6000  # then steps training everything jointly
     batch_size: int = 64
     learning_rate: float = 2e-3  # encoder and projector
     lm_learning_rate: float = 5e-4  # the language model, in the joint phase
@@ -506,7 +506,7 @@ class VisionTrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     blind: bool = False  # train on blanked images: the question-only baseline
-    kinds: tuple[str, ...] = visual_math.KINDS
+    kinds: tuple[str, ...] = visual_math.KINDS + ("count",)  # the training mix: counting, the slowest to learn, twice
     seed: int = 0
     time_budget: float | None = None  # stop after this many seconds
 
@@ -651,7 +651,8 @@ def main(argv: list[str] | None = None) -> None:
         train_parser.add_argument(f"--vision-{name.replace('_', '-')}", type=int, default=getattr(vision_defaults, name))
     train_parser.add_argument("--init-from", default=defaults.init_from, help="the language model's checkpoint")
     train_parser.add_argument("--blind", action="store_true", help="blank every image: the question-only baseline")
-    train_parser.add_argument("--kinds", nargs="+", choices=visual_math.KINDS, default=list(defaults.kinds))
+    train_parser.add_argument("--kinds", nargs="+", choices=visual_math.KINDS, default=list(defaults.kinds),
+                              help="question types to train on, each drawn equally often; list one twice to draw it twice as often")
     train_parser.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
     train_parser.add_argument("--threads", type=int, default=None,
                               help="CPU threads for PyTorch (default: its own choice); 1 per run when runs share the cores")

@@ -161,6 +161,17 @@ def test_training_examples_are_seeded_and_draw_only_the_asked_kinds():
     assert {e.kind for e in training_examples(rng(0), 200)} == set(KINDS)
 
 
+def test_a_kind_listed_twice_is_drawn_about_twice_as_often():
+    kinds = [e.kind for e in training_examples(rng(5), 3000, ("digit", "count", "count"))]
+    share = kinds.count("count") / len(kinds)  # expected 2/3; sd of the share is 0.0086, so +-0.05 is 5.8 sd
+    assert abs(share - 2 / 3) < 0.05
+
+
+def test_benchmark_kinds_must_not_repeat():
+    with pytest.raises(ValueError, match="must not repeat"):
+        benchmark(5, kinds=("count", "count"))
+
+
 # ---------------------------------------------------------------------------------------------
 # The split
 
