@@ -186,6 +186,18 @@ class KVCache:
         self.lengths[layer] = start + n_new
         return self.k[layer, :, :, : start + n_new], self.v[layer, :, :, : start + n_new]
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (speculative decoding drops the rejected drafts)."""
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(self):
+            raise ValueError(f"length must be an integer from 0 to the {len(self)} positions stored, got {length!r}")
+        self.lengths = [min(stored, length) for stored in self.lengths]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (1-D indices, repeats allowed) in that order: beam search follows its beams."""
+        if not isinstance(rows, torch.Tensor) or rows.ndim != 1 or len(rows) != self.k.shape[1]:
+            raise ValueError(f"rows must be a 1-D tensor of {self.k.shape[1]} batch indices, got {rows!r}")
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
     def nbytes(self) -> int:
         """Bytes held by the positions stored so far (keys and values, all layers)."""
         per_position = self.k[:, :, :, 0].numel() * self.k.element_size() * 2

@@ -604,7 +604,31 @@ def repeat_probe(rng: random.Random, n_words: int) -> Probe:
     return Probe(prompt, f" {words[-1]}", "repeat", math.nan)
 
 
-PROBE_KINDS = ("passkey", "kv", "variable-chain", "frequent-word", "mrcr", "repeat")
+@functools.lru_cache(maxsize=2)
+def play_lines(split: str = "train") -> tuple[str, ...]:
+    """The non-empty lines of the Shakespeare split, in order, without surrounding spaces."""
+    return tuple(line.strip() for line in shakespeare_text(split).split("\n") if line.strip())
+
+
+def edit_probe(rng: random.Random, n_lines: int, split: str = "train") -> Probe:
+    """An editing request whose answer mostly repeats the prompt: `n_lines` consecutive lines of a
+    play, an instruction to replace every whole-word occurrence of one of their words by another,
+    and the edited lines as the answer. A caller who knows the original text can offer it as the
+    predicted output, and all but the replaced words of the answer are in it. Depth does not apply."""
+    _check_count("n_lines", n_lines, 1)
+    _check_split(split)
+    lines = play_lines(split)
+    start = rng.randrange(len(lines) - n_lines)
+    passage = "\n".join(lines[start : start + n_lines])
+    old = rng.choice(sorted(set(re.findall(r"[A-Za-z]{3,}", passage))) or ["the"])
+    new = rng.choice([word for word in common_words() if len(word) >= 3 and word != old.lower()])
+    edited = re.sub(rf"\b{old}\b", new, passage)
+    prompt = f'Replace every "{old}" with "{new}":\n{passage}\nEdited:'
+    return Probe(prompt, f" {edited}", "edit", math.nan)
+
+
+PROBE_KINDS = ("passkey", "kv", "variable-chain", "frequent-word", "mrcr", "repeat")  # the retrieval probes
+TASK_KINDS = PROBE_KINDS + ("edit",)  # what a training mix can draw: the probes and the editing task
 # Each kind's size argument: the one that makes its prompt longer.
 PROBE_SIZES = {
     "repeat": "n_words",
@@ -613,9 +637,10 @@ PROBE_SIZES = {
     "variable-chain": "n_filler",
     "frequent-word": "n_words",
     "mrcr": "n_rounds",
+    "edit": "n_lines",
 }
 # Each kind's smallest size argument: the least its generator accepts.
-PROBE_SMALLEST = {"passkey": 0, "kv": 1, "variable-chain": 0, "frequent-word": 4, "mrcr": 2, "repeat": 2}
+PROBE_SMALLEST = {"passkey": 0, "kv": 1, "variable-chain": 0, "frequent-word": 4, "mrcr": 2, "repeat": 2, "edit": 1}
 _PROBE_GENERATORS: dict[str, Callable[..., Probe]] = {
     "repeat": repeat_probe,
     "passkey": passkey_probe,
@@ -623,15 +648,16 @@ _PROBE_GENERATORS: dict[str, Callable[..., Probe]] = {
     "variable-chain": variable_chain_probe,
     "frequent-word": frequent_word_probe,
     "mrcr": mrcr_probe,
+    "edit": edit_probe,
 }
 
 
 def make_probe(kind: str, rng: random.Random, size: int, **options) -> Probe:
-    """A probe of `kind` (one of `PROBE_KINDS`) whose size argument (`PROBE_SIZES[kind]`, e.g.
+    """A probe of `kind` (one of `TASK_KINDS`) whose size argument (`PROBE_SIZES[kind]`, e.g.
     `n_filler` for "passkey") is `size`; `options` go to the generator as they are
     (`make_probe("passkey", rng, 40, depth=0.5)`)."""
-    if kind not in PROBE_KINDS:
-        raise ValueError(f"kind must be one of {PROBE_KINDS}, got {kind!r}")
+    if kind not in TASK_KINDS:
+        raise ValueError(f"kind must be one of {TASK_KINDS}, got {kind!r}")
     return _PROBE_GENERATORS[kind](rng, **{PROBE_SIZES[kind]: size}, **options)
 
 

@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from minigpt.attention import KVCache, attention, chunked_attention, sdpa_attention
-from minigpt.positions import RopeScaling, RotaryEmbedding, apply_rotary
+from minigpt.positions import RopeScaling, RotaryEmbedding, apply_rotary, cached_keys_stay_exact
 
 AttentionImpl = Literal["sdpa", "explicit", "chunked"]
 ATTENTION_IMPLS = ("sdpa", "explicit", "chunked")
@@ -291,7 +291,9 @@ class GPT(nn.Module):
         """Continue `idx` `(B, T)` by `max_new_tokens` tokens: greedy at temperature 0, else sampled.
 
         With `use_cache` the prompt is run once and each new token attends to the cached keys and
-        values; without it every step recomputes the whole sequence (the slow baseline).
+        values; without it every step recomputes the whole sequence (the slow baseline). Dynamic NTK
+        rotates every position by a base that grows with the length, so past its original context
+        the cached keys are stale: from that step on, the whole sequence is recomputed.
         """
         if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 100 or math.isnan(temperature):
             raise ValueError(f"temperature must be a number from 0 (greedy) to 100, got {temperature!r}")
@@ -306,6 +308,8 @@ class GPT(nn.Module):
         cache = self.new_kv_cache(idx.shape[0]) if use_cache else None
         sequence, step_input = idx, idx
         for _ in range(max_new_tokens):
+            if cache is not None and not cached_keys_stay_exact(self.config.rope, sequence.shape[1]):
+                cache, step_input = None, sequence  # stale keys: recompute from here on
             logits = self(step_input, kv_cache=cache, last_only=True).logits[:, -1].float()  # (B, vocab)
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
@@ -313,7 +317,7 @@ class GPT(nn.Module):
                 probabilities = (logits / temperature).softmax(dim=-1)
                 next_token = torch.multinomial(probabilities, 1, generator=generator)
             sequence = torch.cat([sequence, next_token], dim=1)
-            step_input = next_token if use_cache else sequence
+            step_input = next_token if cache is not None else sequence
         return sequence
 
     def new_kv_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:

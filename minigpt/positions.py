@@ -132,6 +132,17 @@ def dynamic_ntk_base(head_dim: int, base: float, factor: float, original_context
     return base * stretch ** (head_dim / (head_dim - 2))
 
 
+def cached_keys_stay_exact(scaling: RopeScaling | None, length: int) -> bool:
+    """Whether keys cached at shorter lengths still equal a full recompute at total `length`.
+
+    True for every scheme whose rotation of a position never changes; false for dynamic NTK once
+    `length` passes its original context, where the base (so every rotation) grows with the length.
+    """
+    if scaling is None or scaling.scheme != "dynamic-ntk":
+        return True
+    return length <= scaling.original_context
+
+
 def yarn_ramp(ratio: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """YaRN's `gamma(r)`: 0 for `r < alpha`, 1 for `r > beta`, linear in between."""
     return ((ratio - alpha) / (beta - alpha)).clamp(0.0, 1.0)

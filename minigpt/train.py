@@ -114,14 +114,16 @@ def sample_batch(
 
 
 @lru_cache(maxsize=16)
-def probe_size_limits(tokenizer_name: str, length: int) -> dict[str, tuple[int, int]]:
-    """For each probe kind that fits in `length` tokens: the smallest size and the largest that fits.
+def probe_size_limits(tokenizer_name: str, length: int,
+                      kinds: tuple[str, ...] = data.PROBE_KINDS) -> dict[str, tuple[int, int]]:
+    """For each of `kinds` that fits in `length` tokens: the smallest size and the largest that fits.
 
     Measured once with `minigpt.evals.fit_probe` on a fixed draw; kinds whose smallest probe is
     longer than `length` (the variable chain needs about 150 tokens) are left out.
     """
     tokenizer, limits = load_tokenizer(tokenizer_name), {}
-    for kind, smallest in data.PROBE_SMALLEST.items():
+    for kind in kinds:
+        smallest = data.PROBE_SMALLEST[kind]
         try:
             largest, _ = fit_probe(lambda size, kind=kind: data.make_probe(kind, random.Random(0), size), tokenizer,
                                    length, smallest)
@@ -133,13 +135,14 @@ def probe_size_limits(tokenizer_name: str, length: int) -> dict[str, tuple[int, 
 
 def probe_window(rng: random.Random, tokenizer_name: str, length: int,
                  kinds: tuple[str, ...] = data.PROBE_KINDS) -> torch.Tensor:
-    """`length` token ids of synthetic retrieval probes (`minigpt.data.PROBE_KINDS`) packed back to back.
+    """`length` token ids of synthetic tasks (`minigpt.data.TASK_KINDS`: the retrieval probes and the
+    editing task) packed back to back.
 
     Each probe's kind and size are drawn from `rng`, sizes from the smallest up to one that fills
     the window, so the model practises finding a needle anywhere from a few tokens to a whole
     window back. Probes are separated by a blank line; the last one is cut off at `length`.
     """
-    tokenizer, limits = load_tokenizer(tokenizer_name), probe_size_limits(tokenizer_name, length)
+    tokenizer, limits = load_tokenizer(tokenizer_name), probe_size_limits(tokenizer_name, length, tuple(sorted(set(kinds))))
     usable = sorted(kind for kind in kinds if kind in limits)
     if not usable:
         raise ValueError(f"none of the probe kinds {kinds} fits in {length} tokens (those that fit: {sorted(limits)})")
@@ -451,9 +454,9 @@ def train(
     if not 0 <= config.copy_mix <= 1 - config.probe_mix:
         raise ValueError(f"copy_mix is the share of curriculum rows per batch, from 0 to 1 - probe_mix "
                          f"({1 - config.probe_mix}); got {config.copy_mix}")
-    unknown = set(config.probe_kinds) - set(data.PROBE_KINDS)
+    unknown = set(config.probe_kinds) - set(data.TASK_KINDS)
     if unknown or not config.probe_kinds:
-        raise ValueError(f"probe_kinds must name some of {data.PROBE_KINDS}; got {config.probe_kinds}")
+        raise ValueError(f"probe_kinds must name some of {data.TASK_KINDS}; got {config.probe_kinds}")
     for name, least in (("copy_steps", 0), ("copy_batch_size", 2), ("copy_length", 2), ("copy_vocab", 2)):
         if getattr(config, name) < least:
             raise ValueError(f"{name} must be at least {least}, got {getattr(config, name)}")
@@ -588,8 +591,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint's weights and config (with --context and --rope-* applied), "
                              "for example to fine-tune at a longer length")
-    parser.add_argument("--probe-kinds", nargs="+", choices=data.PROBE_KINDS, default=list(defaults.probe_kinds),
-                        help="the probe kinds the mix draws from (default: all)")
+    parser.add_argument("--probe-kinds", nargs="+", choices=data.TASK_KINDS, default=list(defaults.probe_kinds),
+                        help="the probe kinds the mix draws from (default: every retrieval probe; 'edit' is the editing task)")
     parser.add_argument("--copy-mix", type=float, default=defaults.copy_mix,
                         help="share of each corpus-phase batch that stays induction-curriculum rows")
     parser.add_argument("--probe-mix", type=float, default=defaults.probe_mix,

@@ -36,6 +36,7 @@ import matplotlib
 import numpy as np
 import torch
 from IPython.display import HTML, display
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
@@ -814,3 +815,133 @@ def patch_attention_explorer(model, examples: Sequence, layer: int | None = None
         control.observe(redraw, names="value")
     redraw()
     return widgets.VBox([widgets.HBox([example_menu, layer_menu, head_menu]), text_panel, picture])
+
+
+# --- the sampler ---------------------------------------------------------------------------------
+
+
+def _probability_bars(ax, probabilities: torch.Tensor, labels: Sequence[str], title: str,
+                      reference: torch.Tensor | None = None) -> None:
+    """Bars of `probabilities` over the tokens `labels` (already chosen and ordered); removed tokens grey."""
+    positions = np.arange(len(labels))
+    if reference is not None:
+        ax.bar(positions, reference.numpy(), color="#e5e7eb", label="before")
+    kept = probabilities > 0
+    ax.bar(positions, probabilities.numpy(), color=np.where(kept.numpy(), "#2563eb", "#9ca3af"), label="after")
+    ax.set_xticks(positions, labels, rotation=60, ha="right", fontsize=8)
+    ax.set(title=title, ylabel="probability", ylim=(0, 1.05 * max(float(probabilities.max()),
+                                                                  float(reference.max()) if reference is not None else 0)))
+    ax.text(0.98, 0.95, f"{int(kept.sum())} tokens kept" if reference is not None else "",
+            transform=ax.transAxes, ha="right", va="top", fontsize=8)
+
+
+def pipeline_stages(logits: torch.Tensor, params) -> list[tuple[str, torch.Tensor]]:
+    """The next-token distribution after each processor of `minigpt.sampler`'s pipeline, in its order.
+
+    `logits` `(vocab,)`; `params` a `SamplingParams` (without penalties: there is no history here).
+    Returns (stage name, probabilities `(vocab,)`) pairs, from the model's own to the final one.
+    """
+    from minigpt import sampler  # here: viz stays importable without the sampler
+
+    logits = sampler.add_logit_bias(logits.float(), params.logit_bias)
+    stages = [("model", logits.softmax(-1))]
+    if params.temperature == 0:
+        return stages + [("greedy", sampler.next_token_probabilities(logits, params))]
+    steps = [("top-k", lambda x: sampler.top_k_filter(x, params.top_k)),
+             ("top-p", lambda x: sampler.top_p_filter(x, params.top_p)),
+             ("min-p", lambda x: sampler.min_p_filter(x, params.min_p))]
+    temperature = (f"temperature {params.temperature:g}", lambda x: sampler.apply_temperature(x, params.temperature))
+    steps = steps + [temperature] if params.temperature_last else [temperature] + steps
+    for name, step in steps:
+        logits = step(logits)
+        stages.append((name, logits.softmax(-1)))
+    return stages
+
+
+def plot_sampling_pipeline(logits: torch.Tensor, params, labels: Sequence[str], top: int = 12) -> Figure:
+    """One panel per processor: the `top` most likely tokens' probabilities before (grey) and after (blue)."""
+    stages = pipeline_stages(logits, params)
+    order = stages[0][1].argsort(descending=True)[:top]
+    names = [labels[i] for i in order.tolist()]
+    figure = Figure(figsize=(3.1 * (len(stages) - 1), 3.2), layout="constrained")
+    axes = figure.subplots(1, len(stages) - 1, squeeze=False)[0]
+    for ax, (before, after) in zip(axes, itertools.pairwise(stages)):
+        _probability_bars(ax, after[1][order], names, f"after {after[0]}", reference=before[1][order])
+    axes[0].legend(fontsize=8, loc="center right")
+    order_name = "truncation, then temperature (llama.cpp)" if params.temperature_last else "temperature first (Hugging Face)"
+    figure.suptitle(f"The next-token distribution through each processor: {order_name}")
+    return figure
+
+
+def sampling_explorer(logits: torch.Tensor, labels: Sequence[str], top: int = 15) -> widgets.VBox:
+    """Sliders for temperature, top-k, top-p and min-p, and a toggle for the order of temperature and
+    truncation, redrawing the final next-token distribution over the `top` most likely tokens."""
+    from minigpt.sampler import SamplingParams
+
+    order = logits.float().softmax(-1).argsort(descending=True)[:top]
+    names = [labels[i] for i in order.tolist()]
+    style = {"description_width": "90px"}
+    controls = {
+        "temperature": widgets.FloatSlider(value=1.0, min=0.05, max=2.0, step=0.05, description="temperature", style=style),
+        "top_k": widgets.IntSlider(value=0, min=0, max=top, description="top-k (0: off)", style=style),
+        "top_p": widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="top-p", style=style),
+        "min_p": widgets.FloatSlider(value=0.0, min=0.0, max=0.5, step=0.01, description="min-p", style=style),
+        "temperature_last": widgets.ToggleButtons(options=[("temperature first", False), ("temperature last", True)],
+                                                  value=False, description="order", style=style),
+    }
+    picture = widgets.Image(format="png")
+
+    def redraw(*_) -> None:
+        params = SamplingParams(**{name: control.value for name, control in controls.items()})
+        final = pipeline_stages(logits, params)
+        figure = Figure(figsize=(8, 3.4), layout="constrained")
+        ax = figure.subplots()
+        _probability_bars(ax, final[-1][1][order], names, "the distribution the sampler draws from",
+                          reference=final[0][1][order])
+        ax.legend(["the model's own", "after the processors"], fontsize=8, loc="center right")
+        _show_png(picture, figure)
+
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([*controls.values(), picture])
+
+
+SPECULATIVE_COLOURS = {"accepted": "#bbf7d0", "rejected": "#fecaca", "target": "#bfdbfe"}
+
+
+def plot_speculative_rounds(rounds: Sequence, labels_of, max_rounds: int = 12, title: str = "") -> Figure:
+    """Speculative decoding round by round: each row is one target pass, showing the kept drafts
+    (green), the first rejected draft (red, struck through) and the target's own token (blue).
+
+    `rounds` are `minigpt.speculative.Round`s; `labels_of(ids)` turns token ids into display strings.
+    """
+    rounds = list(rounds)[:max_rounds]
+    figure = Figure(figsize=(11, 0.42 * len(rounds) + 1.0), layout="constrained")
+    ax = figure.subplots()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(len(rounds), -0.6)
+    renderer = FigureCanvasAgg(figure).get_renderer()  # to measure each label's width as drawn
+    for row, round_ in enumerate(rounds):
+        cells = [(label, "accepted") for label in labels_of(round_.drafted[: round_.accepted])]
+        if round_.accepted < len(round_.drafted):
+            cells.append((labels_of(round_.drafted[round_.accepted : round_.accepted + 1])[0], "rejected"))
+        cells.append((labels_of([round_.target_token])[0], "target"))
+        x = 0.01
+        for label, kind in cells:
+            text = ax.text(x, row, label, va="center", fontsize=9, family="monospace",
+                           bbox=dict(boxstyle="round,pad=0.25", facecolor=SPECULATIVE_COLOURS[kind], edgecolor="none"))
+            width = text.get_window_extent(renderer).width / ax.get_window_extent(renderer).width  # axes fraction
+            if kind == "rejected":
+                ax.plot([x, x + width], [row, row], color="#b91c1c", linewidth=1, zorder=4)  # over the label
+            x += width + 0.012
+        ax.text(0.99, row, f"{round_.accepted}/{len(round_.drafted)} kept", va="center", ha="right", fontsize=8,
+                color="#555")
+    ax.set_yticks(range(len(rounds)), [f"pass {i + 1}" for i in range(len(rounds))], fontsize=8)
+    ax.set_xticks([])
+    ax.set_xlabel("tokens of each round, left to right")
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in SPECULATIVE_COLOURS.values()]
+    ax.legend(handles, ["draft kept", "draft rejected", "target's own token"], loc="lower right", fontsize=8,
+              bbox_to_anchor=(1, 1.0), ncol=3, frameon=False)
+    ax.set_title(title or "Speculative decoding, one target pass per row", loc="left")
+    return figure

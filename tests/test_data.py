@@ -15,6 +15,7 @@ from minigpt.data import (
     PASSKEY_FILLER,
     PASSKEY_INTRO,
     PROBE_KINDS,
+    TASK_KINDS,
     repeat_probe,
     common_words,
     PROBE_SIZES,
@@ -26,6 +27,8 @@ from minigpt.data import (
     kv_probe,
     make_probe,
     mrcr_probe,
+    edit_probe,
+    play_lines,
     passkey_probe,
     probe_text,
     render_play,
@@ -447,8 +450,8 @@ def test_mrcr_asks_every_ordinal_of_interleaved_requests():
 
 
 def test_probes_are_seeded_plain_text_with_a_spaced_answer():
-    sizes = {"passkey": 5, "kv": 6, "variable-chain": 5, "frequent-word": 20, "mrcr": 8, "repeat": 7}
-    assert set(PROBE_SIZES) == set(PROBE_KINDS) == set(sizes)
+    sizes = {"passkey": 5, "kv": 6, "variable-chain": 5, "frequent-word": 20, "mrcr": 8, "repeat": 7, "edit": 3}
+    assert set(PROBE_SIZES) == set(TASK_KINDS) == set(sizes) and set(PROBE_KINDS) < set(TASK_KINDS)
     for kind, size in sizes.items():
         random.seed(1)
         first = make_probe(kind, random.Random(7), size)
@@ -462,7 +465,8 @@ def test_probes_are_seeded_plain_text_with_a_spaced_answer():
         assert probe_text(kind, random.Random(7), size) == first.text
         # The size argument really is the one named in PROBE_SIZES.
         generator = {"passkey": passkey_probe, "kv": kv_probe, "variable-chain": variable_chain_probe,
-                     "frequent-word": frequent_word_probe, "mrcr": mrcr_probe, "repeat": repeat_probe}[kind]
+                     "frequent-word": frequent_word_probe, "mrcr": mrcr_probe, "repeat": repeat_probe,
+                     "edit": edit_probe}[kind]
         assert generator(random.Random(7), **{PROBE_SIZES[kind]: size}) == first
         assert len(make_probe(kind, random.Random(7), 2 * size).prompt) > len(first.prompt)
     assert make_probe("passkey", random.Random(0), 3, depth=0.5, digits=6) == passkey_probe(
@@ -552,3 +556,31 @@ def test_repeated_segments_refuse_bad_arguments(kwargs, match):
     arguments = {"n_rows": 2, "length": 10, "token_ids": torch.arange(10), "generator": torch.Generator()} | kwargs
     with pytest.raises(ValueError, match=match):
         data.repeated_segments(**arguments)
+
+
+# --- the editing task ------------------------------------------------------------------------------
+
+
+def test_an_edit_replaces_every_whole_word_occurrence_and_changes_nothing_else():
+    for seed in range(40):
+        probe = edit_probe(random.Random(seed), 5)
+        old, new = re.match(r'Replace every "([A-Za-z]+)" with "([a-z]+)":\n', probe.prompt).groups()
+        passage = probe.prompt.split("\n", 1)[1].rsplit("\nEdited:", 1)[0]
+        assert probe.answer == " " + re.sub(rf"\b{old}\b", new, passage)
+        assert re.search(rf"\b{old}\b", passage) and old.lower() != new
+        assert passage.count("\n") == 4  # five lines
+
+
+def test_edits_come_from_the_asked_split_only():
+    train_lines, val_lines = set(play_lines("train")), set(play_lines("val"))
+    for seed in range(10):
+        for split, lines in (("train", train_lines), ("val", val_lines)):
+            passage = edit_probe(random.Random(seed), 3, split=split).prompt.split("\n")[1:-1]
+            assert all(line in lines for line in passage)
+
+
+def test_bad_edit_sizes_and_splits_are_refused():
+    with pytest.raises(ValueError, match="n_lines must be an integer"):
+        edit_probe(random.Random(0), 0)
+    with pytest.raises(ValueError, match="split"):
+        edit_probe(random.Random(0), 2, split="test")

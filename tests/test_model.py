@@ -693,6 +693,18 @@ def test_dynamic_ntk_with_a_kv_cache_drifts_from_the_full_forward_past_the_train
     assert (cached - full).abs().amax() > 1e-5
 
 
+def test_generate_with_the_cache_equals_a_recompute_under_dynamic_ntk_past_the_training_length():
+    """generate never decodes with stale keys: past the original context it recomputes."""
+    model = small_model(rope_scaling="dynamic-ntk", rope_factor=4.0, rope_original_context=8)
+    prompt = random_ids(2, 5)
+    for temperature in (0.0, 1.0):
+        cached = model.generate(prompt, CONTEXT - 5, temperature, use_cache=True,
+                                generator=torch.Generator().manual_seed(0))
+        recomputed = model.generate(prompt, CONTEXT - 5, temperature, use_cache=False,
+                                    generator=torch.Generator().manual_seed(0))
+        assert torch.equal(cached, recomputed)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -863,3 +863,62 @@ def test_patch_attention_explorer_builds_and_redraws(tiny_vision_model, vision_e
     assert picture.value != one_head
     with pytest.raises(ValueError, match="at least one example"):
         patch_attention_explorer(tiny_vision_model, [])
+
+
+# --- the sampler ----------------------------------------------------------------------------------
+
+
+def test_pipeline_stages_follow_the_sampler_in_either_order():
+    from minigpt.sampler import SamplingParams, next_token_probabilities
+    from minigpt.viz import pipeline_stages
+
+    logits = torch.tensor([3.0, 2.5, 1.0, 0.5, -1.0, -2.0])
+    for last in (False, True):
+        params = SamplingParams(temperature=1.7, top_k=4, top_p=0.9, min_p=0.05, temperature_last=last)
+        stages = pipeline_stages(logits, params)
+        names = [name for name, _ in stages]
+        assert names[0] == "model" and (names[-1] == "temperature 1.7") == last
+        torch.testing.assert_close(stages[0][1], logits.softmax(-1))
+        torch.testing.assert_close(stages[-1][1], next_token_probabilities(logits, params))  # the sampler's own
+    greedy = pipeline_stages(logits, SamplingParams(temperature=0))
+    assert [name for name, _ in greedy] == ["model", "greedy"] and greedy[-1][1].tolist() == [1, 0, 0, 0, 0, 0]
+
+
+def test_plot_sampling_pipeline_draws_one_titled_panel_per_processor():
+    from minigpt.sampler import SamplingParams
+    from minigpt.viz import plot_sampling_pipeline
+
+    logits = torch.linspace(2, -2, 20)
+    figure = plot_sampling_pipeline(logits, SamplingParams(temperature=1.5, top_k=10, top_p=0.8, min_p=0.05),
+                                    [f"t{i}" for i in range(20)], top=12)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["after temperature 1.5", "after top-k", "after top-p", "after min-p"]
+    assert all(ax.get_ylabel() == "probability" and len(ax.get_xticklabels()) == 12 for ax in figure.axes)
+    assert "Hugging Face" in figure._suptitle.get_text()
+
+
+def test_sampling_explorer_redraws_when_a_slider_moves():
+    from minigpt.viz import sampling_explorer
+
+    explorer = sampling_explorer(torch.linspace(2, -2, 30), [f"t{i}" for i in range(30)], top=10)
+    *controls, picture = explorer.children
+    assert [c.description for c in controls] == ["temperature", "top-k (0: off)", "top-p", "min-p", "order"]
+    before = picture.value
+    controls[2].value = 0.3  # top-p
+    assert picture.value != before and png_size(picture.value)[0] > 0
+
+
+def test_plot_speculative_rounds_draws_kept_rejected_and_target_tokens():
+    from minigpt.speculative import Round
+    from minigpt.viz import SPECULATIVE_COLOURS, plot_speculative_rounds
+
+    rounds = [Round([1, 2, 3], 2, 9), Round([4, 5], 2, 6), Round([7], 0, 8)]
+    figure = plot_speculative_rounds(rounds, lambda ids: [f"w{i}" for i in ids], title="three rounds")
+    ax = figure.axes[0]
+    boxes = {t.get_text(): to_rgba(t.get_bbox_patch().get_facecolor()) for t in ax.texts if t.get_bbox_patch()}
+    assert boxes["w1"] == boxes["w2"] == boxes["w4"] == to_rgba(SPECULATIVE_COLOURS["accepted"])
+    assert boxes["w3"] == boxes["w7"] == to_rgba(SPECULATIVE_COLOURS["rejected"])
+    assert boxes["w9"] == boxes["w6"] == boxes["w8"] == to_rgba(SPECULATIVE_COLOURS["target"])
+    assert "w5" in boxes and len(ax.lines) == 2  # one strike-through per rejected draft
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["pass 1", "pass 2", "pass 3"]
+    assert ax.get_title(loc="left") == "three rounds" and ax.get_xlabel()
