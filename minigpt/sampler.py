@@ -370,13 +370,13 @@ def _decode_choice(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: 
             break
         decoder.commit([token])
         counts[token] += 1
-        logprob = None
+        token_bytes, logprob = tokenizer.decode_tokens_bytes([token])[0], None
         if top_logprobs is not None:
             log_probabilities = logits.log_softmax(dim=-1)
             top = log_probabilities.topk(top_logprobs) if top_logprobs else None
-            logprob = TokenLogprob(token, tokenizer.decode_tokens_bytes([token])[0], float(log_probabilities[token]),
+            logprob = TokenLogprob(token, token_bytes, float(log_probabilities[token]),
                                    [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
-        yield _Step(token, logprob, watcher.feed(tokenizer.decode_tokens_bytes([token])[0]), None)
+        yield _Step(token, logprob, watcher.feed(token_bytes), None)
         if watcher.stopped:
             break
         if constraint is not None:

@@ -25,7 +25,7 @@ computed once, by walking a byte trie of the whole vocabulary (shared token pref
 once, and a dead branch prunes every token below it), and cached.
 
 The regex dialect (always anchored at both ends, as with `re.fullmatch`): literals; escapes `\\.`
-and other escaped punctuation, `\\n \\t \\r \\f \\v`, `\\xXX`, `\\uXXXX`, the ASCII classes `\\d \\w \\s`
+and other escaped punctuation, `\\n \\t \\r \\f \\v`, `\\x` and `\\u` with 2 and 4 hex digits, the ASCII classes `\\d \\w \\s`
 and their negations `\\D \\W \\S`; `.` (any character but newline); classes `[a-z_]`, `[^"\\\\]`;
 groups `( )` and `(?: )`; alternation `|`; quantifiers `* + ? {m} {m,} {m,n} {,n}`; a leading `^`
 and a trailing `$`, which change nothing. Everything else (backreferences, lookaround, lazy or
