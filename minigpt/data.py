@@ -392,7 +392,7 @@ class Probe(NamedTuple):
     """One long-context test: `prompt + answer` is the full text, `answer` the part to predict."""
 
     prompt: str
-    answer: str  # the exact continuation, starting with a space: " 4821"
+    answer: str  # the exact continuation, starting with a space (" 4821"), or a new line for an edit
     kind: str  # one of PROBE_KINDS
     depth: float  # where the needle sits, 0 (start) to 1 (end) of the haystack; nan if not applicable
 
@@ -612,19 +612,33 @@ def play_lines(split: str = "train") -> tuple[str, ...]:
 
 def edit_probe(rng: random.Random, n_lines: int, split: str = "train") -> Probe:
     """An editing request whose answer mostly repeats the prompt: `n_lines` consecutive lines of a
-    play, an instruction to replace every whole-word occurrence of one of their words by another,
-    and the edited lines as the answer. A caller who knows the original text can offer it as the
-    predicted output, and all but the replaced words of the answer are in it. Depth does not apply."""
+    play, an instruction to replace every occurrence of one of their words by another, and the
+    edited lines as the answer. A caller who knows the original text can offer it as the predicted
+    output, and all but the replaced words of the answer are in it. Depth does not apply.
+
+    The word to replace is one that only ever follows a space in the passage, and the instruction
+    names both words after a space too, so each is the same token in the instruction, the passage
+    and the answer: the edit is a token swap that a small model can learn. The answer starts on a
+    new line, tokenized exactly like the passage it copies."""
     _check_count("n_lines", n_lines, 1)
     _check_split(split)
     lines = play_lines(split)
-    start = rng.randrange(len(lines) - n_lines)
-    passage = "\n".join(lines[start : start + n_lines])
-    old = rng.choice(sorted(set(re.findall(r"[A-Za-z]{3,}", passage))) or ["the"])
+    while True:  # a passage with a word to replace (a lone "HAMLET:" line has none)
+        start = rng.randrange(len(lines) - n_lines)
+        passage = "\n".join(lines[start : start + n_lines])
+        occurrences = collections.defaultdict(set)  # word -> the characters found before it
+        for match in _WORD.finditer(passage):
+            occurrences[match.group()].add(passage[match.start() - 1] if match.start() else "")
+        candidates = sorted(word for word, before in occurrences.items() if len(word) >= 3 and before == {" "})
+        if candidates:
+            break
+    old = rng.choice(candidates)
     new = rng.choice([word for word in common_words() if len(word) >= 3 and word != old.lower()])
-    edited = re.sub(rf"\b{old}\b", new, passage)
-    prompt = f'Replace every "{old}" with "{new}":\n{passage}\nEdited:'
-    return Probe(prompt, f" {edited}", "edit", math.nan)
+    edited = re.sub(rf"(?<![A-Za-z']){old}(?![A-Za-z'])", new, passage)
+    return Probe(f"Replace every {old} with {new}:\n{passage}\nEdited:\n", edited, "edit", math.nan)
+
+
+_WORD = re.compile(r"(?<![A-Za-z'])[A-Za-z]+(?![A-Za-z'])")  # a whole word: no letter or apostrophe either side
 
 
 PROBE_KINDS = ("passkey", "kv", "variable-chain", "frequent-word", "mrcr", "repeat")  # the retrieval probes

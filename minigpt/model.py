@@ -246,8 +246,9 @@ class GPT(nn.Module):
         logits = F.linear(self.final_norm(x), output_weight)  # (B, T, vocab or n_candidates)
         loss = None
         if targets is not None:
-            _check_ids(targets, len(output_weight), "targets" if candidates is None else "targets (positions in candidates)")
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            scored = torch.where(targets == IGNORE_TARGET, 0, targets) if isinstance(targets, torch.Tensor) else targets
+            _check_ids(scored, len(output_weight), "targets" if candidates is None else "targets (positions in candidates)")
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_TARGET)
         return ModelOutput(logits, loss, attentions if return_attention else None)
 
     def residual_stream(
@@ -330,6 +331,9 @@ class GPT(nn.Module):
         """Parameters, counting shared (tied) tensors once; without the token embedding if asked."""
         total = sum(p.numel() for p in self.parameters())
         return total if embedding else total - self.token_embedding.weight.numel()
+
+
+IGNORE_TARGET = -100  # a target the loss skips, as in `F.cross_entropy`
 
 
 def _check_ids(idx: torch.Tensor, vocab_size: int, name: str = "token ids") -> None:

@@ -23,17 +23,29 @@ Three drafts, one verifier:
 With acceptance rate alpha (the chance a draft token is kept), k drafts per round and cost ratio
 c (a draft step over a target pass), Leviathan et al. predict `(1 - alpha ** (k + 1)) / (1 - alpha)`
 tokens per target pass and a speed-up of that over `k * c + 1`.
+
+A draft trained on the corpus agrees with the target only as often as two different models happen
+to. `distill_draft` trains it on the target's own choices instead (the idea of DistillSpec, Zhou et
+al. 2023): the target continues prompts greedily, and the draft learns to predict the target's
+argmax at every position. Run it as
+
+    python -m minigpt.speculative distill --target data/checkpoints/full.pt --draft data/checkpoints/nano.pt
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from minigpt.model import GPT
 from minigpt.sampler import Decoder, SamplingParams, next_token_probabilities, sample_token
@@ -62,10 +74,11 @@ class ModelDrafter:
         self.decoder.tokens = list(sequence)  # the cache keeps whatever prefix still agrees
         tokens, rows, counts = [], [], counts.clone()
         for _ in range(k):
-            q = next_token_probabilities(self.decoder.logits(tokens)[-1], params, counts)  # (vocab,)
+            q = next_token_probabilities(self.decoder.logits()[-1], params, counts)  # (vocab,)
             token = int(q.argmax()) if params.temperature == 0 else sample_token(q, generator)
             tokens.append(token), rows.append(q)
             counts[token] += 1
+            self.decoder.commit([token])  # each step runs only the new token (the next round resets the sequence)
         return Draft(tokens, torch.stack(rows) if rows else None)
 
 
@@ -158,9 +171,13 @@ def expected_tokens_per_pass(alpha: float, k: int) -> float:
     return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def predicted_speedup(alpha: float, k: int, cost_ratio: float) -> float:
-    """Leviathan et al.'s predicted wall-clock speed-up: tokens per pass over the round's cost `k * c + 1`."""
-    return expected_tokens_per_pass(alpha, k) / (k * cost_ratio + 1)
+def predicted_speedup(alpha: float, k: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """Leviathan et al.'s predicted wall-clock speed-up: tokens per pass over the round's cost `k * c + 1`.
+
+    They take scoring k + 1 positions to cost one target pass. `verify_cost` is that cost measured,
+    in single-token passes (a little above 1 on a CPU): the round then costs `k * c + verify_cost`.
+    """
+    return expected_tokens_per_pass(alpha, k) / (k * cost_ratio + verify_cost)
 
 
 def _judge(p: torch.Tensor, q: torch.Tensor | None, token: int, params: SamplingParams,
@@ -227,3 +244,111 @@ def speculative_generate(target: GPT, drafter: Drafter, prompt: Sequence[int], m
         if result.finish_reason == "stop":
             break
     return result
+
+
+# --- a draft trained to agree with its target -------------------------------------------------------
+
+
+@torch.no_grad()
+def target_choices(target: GPT, prompts: torch.Tensor, new_tokens: int, batch_size: int = 64,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's greedy continuations of `prompts` `(N, P)` by `new_tokens`, and its argmax after
+    every position of them: inputs and labels `(N, P + new_tokens - 1)` for `distill_draft`."""
+    if prompts.ndim != 2 or prompts.shape[1] < 1:
+        raise ValueError(f"prompts must be token ids of shape (N, P) with P >= 1, got {tuple(prompts.shape)}")
+    was_training = target.training
+    target.eval()
+    inputs, labels = [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="target continuations", disable=not progress):
+        sequences = target.generate(prompts[start : start + batch_size], new_tokens)[:, :-1]
+        inputs.append(sequences)
+        labels.append(target(sequences).logits.argmax(dim=-1))  # (batch, P + new_tokens - 1)
+    target.train(was_training)
+    return torch.cat(inputs), torch.cat(labels)
+
+
+def agreement(draft: GPT, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of positions where the draft's argmax equals `labels` (the target's): the greedy acceptance rate."""
+    was_training = draft.training
+    draft.eval()
+    with torch.no_grad():
+        agreed = sum((draft(x[None]).logits[0].argmax(dim=-1) == y).sum().item() for x, y in zip(inputs, labels))
+    draft.train(was_training)
+    return agreed / labels.numel()
+
+
+def distill_draft(draft: GPT, inputs: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int = 32,
+                  learning_rate: float = 1e-3, seed: int = 0, progress: bool = False) -> list[float]:
+    """Train `draft` in place to predict the target's choices `labels` on `inputs` (from
+    `target_choices`): cross-entropy on the target's argmax, linear warmup then cosine decay to a
+    tenth. Returns the loss at every step."""
+    from minigpt.train import optimizer_step, weight_decay_groups  # train imports the model, not this module
+
+    if len(inputs) < batch_size:
+        raise ValueError(f"batch_size ({batch_size}) is more than the {len(inputs)} sequences to train on")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(weight_decay_groups(draft, 0.1), lr=learning_rate, betas=(0.9, 0.95))
+    warmup, losses = max(1, steps // 20), []
+    draft.train()
+    for step in tqdm(range(steps), desc="distilling the draft", disable=not progress):
+        cosine = 0.5 * (1 + math.cos(math.pi * max(0, step - warmup) / max(1, steps - warmup)))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate * min((step + 1) / warmup, 0.1 + 0.9 * cosine)
+        rows = torch.randint(len(inputs), (batch_size,), generator=generator)
+        loss = draft(inputs[rows], labels[rows]).loss
+        optimizer_step(draft, optimizer, loss, grad_clip=1.0)
+        losses.append(loss.item())
+    draft.eval()
+    return losses
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m minigpt.speculative distill`: train a draft on its target's choices and save it."""
+    from minigpt.train import CHECKPOINT_DIR, TrainConfig, corpus_tokens, load_checkpoint, save_checkpoint
+
+    parser = argparse.ArgumentParser(prog="python -m minigpt.speculative", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    distill = commands.add_parser("distill", help="train a draft model to agree with its target")
+    distill.add_argument("--target", type=Path, default=CHECKPOINT_DIR / "full.pt")
+    distill.add_argument("--draft", type=Path, default=CHECKPOINT_DIR / "nano.pt", help="the draft to start from")
+    distill.add_argument("--prompts", type=int, default=6144, help="training prompts, windows of the training split")
+    distill.add_argument("--prompt-tokens", type=int, default=32)
+    distill.add_argument("--new-tokens", type=int, default=96, help="greedy tokens the target adds to each prompt")
+    distill.add_argument("--steps", type=int, default=2000)
+    distill.add_argument("--batch-size", type=int, default=32)
+    distill.add_argument("--learning-rate", type=float, default=1e-3)
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--out", type=Path, default=CHECKPOINT_DIR / "nano-draft.pt")
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    target, _ = load_checkpoint(args.target)
+    draft, draft_checkpoint = load_checkpoint(args.draft)
+    if draft.config.tokenizer != target.config.tokenizer:
+        parser.error(f"the draft uses tokenizer {draft.config.tokenizer!r} and the target {target.config.tokenizer!r}; "
+                     "a draft must share its target's tokens")
+    length = args.prompt_tokens
+    generator = torch.Generator().manual_seed(args.seed)
+    prompts = {}
+    for split, n in (("train", args.prompts), ("val", 64)):
+        tokens = corpus_tokens(split, target.config.tokenizer)
+        starts = torch.randint(len(tokens) - length, (n,), generator=generator).tolist()
+        prompts[split] = torch.stack([tokens[s : s + length] for s in starts])
+    train_inputs, train_labels = target_choices(target, prompts["train"], args.new_tokens, progress=True)
+    val_inputs, val_labels = target_choices(target, prompts["val"], args.new_tokens)
+    before = agreement(draft, val_inputs, val_labels)
+    losses = distill_draft(draft, train_inputs, train_labels, args.steps, args.batch_size, args.learning_rate,
+                           args.seed, progress=True)
+    after = agreement(draft, val_inputs, val_labels)
+    print(f"agreement with the target's argmax on held-out continuations: {before:.3f} before, {after:.3f} after")
+    config = TrainConfig(preset=json.loads(draft_checkpoint["train_config"])["preset"], steps=args.steps, batch_size=args.batch_size,
+                         learning_rate=args.learning_rate, seed=args.seed, init_from=str(args.draft))
+    history = {"step": list(range(1, args.steps + 1)), "train_loss": losses, "agreement_before": before,
+               "agreement_after": after, "target": str(args.target)}
+    command = "python -m minigpt.speculative " + " ".join(sys.argv[1:] if argv is None else argv)
+    save_checkpoint(args.out, draft, None, args.steps, config, history, dtype="float16", command=command)
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

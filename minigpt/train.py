@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from minigpt import data
 from minigpt.evals import fit_probe, head_scores, repeated_random_tokens
-from minigpt.model import GPT, GPTConfig, preset
+from minigpt.model import IGNORE_TARGET, GPT, GPTConfig, preset
 from minigpt.positions import SCHEMES, RopeScaling
 from minigpt.tokenizer import Tokenizer
 
@@ -66,6 +66,7 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training after which to stop early
     probe_mix: float = 0.0  # share of each batch's rows that are synthetic retrieval probes, not Shakespeare
     probe_kinds: tuple[str, ...] = data.PROBE_KINDS  # which probes the mix draws from
+    answer_loss_only: bool = False  # probe rows score only their answers (`probe_rows`), not their prompts
     model_overrides: dict = field(default_factory=dict)  # GPTConfig fields to change from the preset
     init_from: str | None = None  # start from this checkpoint's weights and config (overrides applied), not the preset
     # The induction curriculum: `copy_steps` steps of `data.repeated_segments` before the corpus.
@@ -142,16 +143,45 @@ def probe_window(rng: random.Random, tokenizer_name: str, length: int,
     the window, so the model practises finding a needle anywhere from a few tokens to a whole
     window back. Probes are separated by a blank line; the last one is cut off at `length`.
     """
+    return _packed_probes(rng, tokenizer_name, length, kinds, answer_only=False)[0]
+
+
+def probe_rows(rng: random.Random, tokenizer_name: str, length: int, kinds: tuple[str, ...] = data.PROBE_KINDS,
+               answer_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `probe_window` of `length + 1` tokens as inputs and next-token targets, `(length,)` each.
+
+    With `answer_only`, prompt and answer are tokenized apart (as a request is at inference) and
+    every target outside an answer is `IGNORE_TARGET` (-100, which the model's loss skips): the loss is
+    then on the answers and the blank line that ends each, not on predicting the prompts.
+    """
+    ids, is_answer = _packed_probes(rng, tokenizer_name, length + 1, kinds, answer_only)
+    targets = ids[1:].clone()
+    if answer_only:
+        targets[~is_answer[1:]] = IGNORE_TARGET
+    return ids[:-1], targets
+
+
+def _packed_probes(rng: random.Random, tokenizer_name: str, length: int, kinds: tuple[str, ...],
+                   answer_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probes packed into `length` ids, and which of them belong to an answer (`(length,)` bools)."""
     tokenizer, limits = load_tokenizer(tokenizer_name), probe_size_limits(tokenizer_name, length, tuple(sorted(set(kinds))))
     usable = sorted(kind for kind in kinds if kind in limits)
     if not usable:
         raise ValueError(f"none of the probe kinds {kinds} fits in {length} tokens (those that fit: {sorted(limits)})")
     ids: list[int] = []
+    is_answer: list[bool] = []
     while len(ids) < length:
         kind = rng.choice(usable)
-        size = rng.randint(*limits[kind])
-        ids += tokenizer.encode_ordinary(data.probe_text(kind, rng, size) + "\n\n")
-    return torch.tensor(ids[:length], dtype=torch.long)
+        probe = data.make_probe(kind, rng, rng.randint(*limits[kind]))
+        if answer_only:
+            prompt, answer = tokenizer.encode_ordinary(probe.prompt), tokenizer.encode_ordinary(probe.answer + "\n\n")
+            ids += prompt + answer
+            is_answer += [False] * len(prompt) + [True] * len(answer)
+        else:
+            whole = tokenizer.encode_ordinary(probe.text + "\n\n")
+            ids += whole
+            is_answer += [False] * len(whole)
+    return torch.tensor(ids[:length], dtype=torch.long), torch.tensor(is_answer[:length])
 
 
 def training_batch(
@@ -160,15 +190,16 @@ def training_batch(
     copy_generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One global batch: `sample_batch` windows of the corpus, with the last rows replaced by
-    `probe_mix` of `probe_window`s and then `copy_mix` of `data.repeated_segments` drawn from
-    `copy_ids` with `copy_generator`. Inputs and targets, `(batch_size, context)` each."""
+    `probe_mix` of `probe_rows` (answers only scored if `config.answer_loss_only`) and then
+    `copy_mix` of `data.repeated_segments` drawn from `copy_ids` with `copy_generator`. Inputs and
+    targets, `(batch_size, context)` each."""
     x, y = sample_batch(tokens, config.batch_size, context, generator)
+    x, y = x.clone(), y.clone()  # views of one tensor: a row written into one must not shift into the other
     n_probes, n_copies = round(config.probe_mix * config.batch_size), round(config.copy_mix * config.batch_size)
     if n_probes + n_copies > config.batch_size:
         raise ValueError(f"probe_mix ({config.probe_mix}) and copy_mix ({config.copy_mix}) add up to more than the batch")
     for row in range(config.batch_size - n_probes - n_copies, config.batch_size - n_copies):
-        window = probe_window(rng, tokenizer_name, context + 1, config.probe_kinds)
-        x[row], y[row] = window[:-1], window[1:]
+        x[row], y[row] = probe_rows(rng, tokenizer_name, context, config.probe_kinds, config.answer_loss_only)
     if n_copies:
         if copy_ids is None or copy_generator is None:
             raise ValueError("copy_mix needs the curriculum's token ids and generator")
@@ -593,6 +624,8 @@ def main(argv: list[str] | None = None) -> None:
                              "for example to fine-tune at a longer length")
     parser.add_argument("--probe-kinds", nargs="+", choices=data.TASK_KINDS, default=list(defaults.probe_kinds),
                         help="the probe kinds the mix draws from (default: every retrieval probe; 'edit' is the editing task)")
+    parser.add_argument("--answer-loss-only", action="store_true",
+                        help="probe rows score only their answers, not their prompts")
     parser.add_argument("--copy-mix", type=float, default=defaults.copy_mix,
                         help="share of each corpus-phase batch that stays induction-curriculum rows")
     parser.add_argument("--probe-mix", type=float, default=defaults.probe_mix,

@@ -829,7 +829,7 @@ def _probability_bars(ax, probabilities: torch.Tensor, labels: Sequence[str], ti
     kept = probabilities > 0
     ax.bar(positions, probabilities.numpy(), color=np.where(kept.numpy(), "#2563eb", "#9ca3af"), label="after")
     ax.set_xticks(positions, labels, rotation=60, ha="right", fontsize=8)
-    ax.set(title=title, ylabel="probability", ylim=(0, 1.05 * max(float(probabilities.max()),
+    ax.set(title=title, xlabel="token", ylabel="probability", ylim=(0, 1.05 * max(float(probabilities.max()),
                                                                   float(reference.max()) if reference is not None else 0)))
     ax.text(0.98, 0.95, f"{int(kept.sum())} tokens kept" if reference is not None else "",
             transform=ax.transAxes, ha="right", va="top", fontsize=8)
@@ -915,8 +915,9 @@ def plot_speculative_rounds(rounds: Sequence, labels_of, max_rounds: int = 12, t
     (green), the first rejected draft (red, struck through) and the target's own token (blue).
 
     `rounds` are `minigpt.speculative.Round`s; `labels_of(ids)` turns token ids into display strings.
+    Only the first `max_rounds` are drawn, and the title then says how many of how many.
     """
-    rounds = list(rounds)[:max_rounds]
+    total, rounds = len(rounds), list(rounds)[:max_rounds]
     figure = Figure(figsize=(11, 0.42 * len(rounds) + 1.0), layout="constrained")
     ax = figure.subplots()
     ax.set_xlim(0, 1)
@@ -940,8 +941,10 @@ def plot_speculative_rounds(rounds: Sequence, labels_of, max_rounds: int = 12, t
     ax.set_yticks(range(len(rounds)), [f"pass {i + 1}" for i in range(len(rounds))], fontsize=8)
     ax.set_xticks([])
     ax.set_xlabel("tokens of each round, left to right")
+    ax.set_ylabel("target pass")
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in SPECULATIVE_COLOURS.values()]
     ax.legend(handles, ["draft kept", "draft rejected", "target's own token"], loc="lower right", fontsize=8,
               bbox_to_anchor=(1, 1.0), ncol=3, frameon=False)
-    ax.set_title(title or "Speculative decoding, one target pass per row", loc="left")
+    shown = f" (the first {len(rounds)} of {total} passes)" if len(rounds) < total else ""
+    ax.set_title((title or "Speculative decoding, one target pass per row") + shown, loc="left")
     return figure

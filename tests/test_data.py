@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from minigpt import data
+from minigpt.train import load_tokenizer
 from minigpt.data import (
     GENERATORS,
     PASSKEY_FILLER,
@@ -449,7 +450,7 @@ def test_mrcr_asks_every_ordinal_of_interleaved_requests():
     assert changes > 20
 
 
-def test_probes_are_seeded_plain_text_with_a_spaced_answer():
+def test_probes_are_seeded_plain_text_with_a_spaced_answer_or_an_edited_passage():
     sizes = {"passkey": 5, "kv": 6, "variable-chain": 5, "frequent-word": 20, "mrcr": 8, "repeat": 7, "edit": 3}
     assert set(PROBE_SIZES) == set(TASK_KINDS) == set(sizes) and set(PROBE_KINDS) < set(TASK_KINDS)
     for kind, size in sizes.items():
@@ -459,8 +460,12 @@ def test_probes_are_seeded_plain_text_with_a_spaced_answer():
         assert make_probe(kind, random.Random(7), size) == first
         assert make_probe(kind, random.Random(8), size).prompt != first.prompt
         assert isinstance(first, Probe) and first.kind == kind
-        assert first.answer.startswith(" ") and not first.answer[1:].startswith(" ")
-        assert not first.prompt.endswith((" ", "\n")) and first.text == first.prompt + first.answer
+        if kind == "edit":  # the edited passage starts on a line of its own, tokenized like the original
+            assert first.prompt.endswith("\nEdited:\n") and not first.answer.startswith((" ", "\n"))
+        else:
+            assert first.answer.startswith(" ") and not first.answer[1:].startswith(" ")
+            assert not first.prompt.endswith((" ", "\n"))
+        assert first.text == first.prompt + first.answer
         assert "<|" not in first.text and "|>" not in first.text
         assert probe_text(kind, random.Random(7), size) == first.text
         # The size argument really is the one named in PROBE_SIZES.
@@ -564,18 +569,50 @@ def test_repeated_segments_refuse_bad_arguments(kwargs, match):
 def test_an_edit_replaces_every_whole_word_occurrence_and_changes_nothing_else():
     for seed in range(40):
         probe = edit_probe(random.Random(seed), 5)
-        old, new = re.match(r'Replace every "([A-Za-z]+)" with "([a-z]+)":\n', probe.prompt).groups()
-        passage = probe.prompt.split("\n", 1)[1].rsplit("\nEdited:", 1)[0]
-        assert probe.answer == " " + re.sub(rf"\b{old}\b", new, passage)
-        assert re.search(rf"\b{old}\b", passage) and old.lower() != new
+        old, new = re.match(r"Replace every ([A-Za-z]+) with ([a-z]+):\n", probe.prompt).groups()
+        passage = probe.prompt.split("\n", 1)[1].rsplit("\nEdited:\n", 1)[0]
+        assert probe.prompt.endswith("\nEdited:\n")
+        assert probe.answer == re.sub(rf"(?<![A-Za-z']){old}(?![A-Za-z'])", new, passage)
+        assert probe.answer != passage and old.lower() != new
         assert passage.count("\n") == 4  # five lines
+
+
+def test_the_replaced_word_only_ever_follows_a_space_so_it_is_one_token_everywhere():
+    tok = load_tokenizer("minigpt-8k")
+    for seed in range(40):
+        probe = edit_probe(random.Random(seed), 4)
+        old, new = re.match(r"Replace every ([A-Za-z]+) with ([a-z]+):\n", probe.prompt).groups()
+        passage = probe.prompt.split("\n", 1)[1].rsplit("\nEdited:\n", 1)[0]
+        assert all(passage[m.start() - 1] == " " for m in re.finditer(rf"(?<![A-Za-z']){old}(?![A-Za-z'])", passage))
+        old_ids, new_ids = tok.encode_ordinary(f" {old}"), tok.encode_ordinary(f" {new}")
+        instruction = tok.encode_ordinary(f"Replace every {old} with {new}:\n")
+        assert _replace_run(instruction, old_ids, []) != instruction and _replace_run(instruction, new_ids, []) != instruction
+        # The answer is the passage's tokens with the old word's run of tokens swapped for the new one's.
+        assert tok.encode_ordinary(probe.answer) == _replace_run(tok.encode_ordinary(passage), old_ids, new_ids)
+
+
+def _replace_run(ids: list[int], old: list[int], new: list[int]) -> list[int]:
+    out, i = [], 0
+    while i < len(ids):
+        if ids[i : i + len(old)] == old:
+            out, i = out + new, i + len(old)
+        else:
+            out, i = out + [ids[i]], i + 1
+    return out
+
+
+def test_a_one_line_edit_skips_lines_with_nothing_to_replace():
+    for seed in range(30):
+        probe = edit_probe(random.Random(seed), 1)
+        passage = probe.prompt.split("\n", 1)[1].rsplit("\nEdited:\n", 1)[0]
+        assert " " in passage and probe.answer != passage  # never a lone "HAMLET:" line
 
 
 def test_edits_come_from_the_asked_split_only():
     train_lines, val_lines = set(play_lines("train")), set(play_lines("val"))
     for seed in range(10):
         for split, lines in (("train", train_lines), ("val", val_lines)):
-            passage = edit_probe(random.Random(seed), 3, split=split).prompt.split("\n")[1:-1]
+            passage = edit_probe(random.Random(seed), 3, split=split).prompt.split("\n")[1:-2]
             assert all(line in lines for line in passage)
 
 

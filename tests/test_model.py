@@ -14,6 +14,7 @@ import minigpt.model
 from minigpt.positions import RopeScaling
 from minigpt.model import (
     GPT,
+    IGNORE_TARGET,
     PRESETS,
     Block,
     CausalSelfAttention,
@@ -560,6 +561,18 @@ def test_targets_outside_the_vocabulary_are_refused(model):
             model(ids, targets=targets)
     with pytest.raises(TypeError, match=r"targets must be an integer tensor"):
         model(ids, targets=torch.zeros(1, 5))
+
+
+def test_ignored_targets_leave_the_loss_to_the_rest(model):
+    ids, targets = random_ids(2, 6), random_ids(2, 6, seed=5)
+    masked = targets.clone()
+    masked[:, :4] = IGNORE_TARGET
+    logits = model(ids).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, 4:].flatten(0, 1), targets[:, 4:].flatten())
+    torch.testing.assert_close(model(ids, targets=masked).loss, expected)
+    masked[0, 5] = -2  # any other negative id is still an error
+    with pytest.raises(ValueError, match=rf"targets must lie in \[0, {VOCAB}\)"):
+        model(ids, targets=masked)
 
 
 def test_int32_ids_work_like_int64(model):

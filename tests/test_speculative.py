@@ -25,9 +25,12 @@ from minigpt.speculative import (
     Round,
     SpeculativeResult,
     _continuation,
+    agreement,
+    distill_draft,
     expected_tokens_per_pass,
     predicted_speedup,
     speculative_generate,
+    target_choices,
 )
 
 PROMPT = [3, 14, 15, 9, 2, 6]
@@ -324,6 +327,7 @@ def test_predicted_speedup_by_hand():
     assert predicted_speedup(0.8, 4, 0.05) == pytest.approx(3.3616 / 1.2)
     assert predicted_speedup(0.0, 4, 0.1) == pytest.approx(1 / 1.4)  # a useless draft only costs
     assert predicted_speedup(1.0, 3, 0.0) == 4.0  # free perfect drafts
+    assert predicted_speedup(0.5, 2, 0.1, verify_cost=1.5) == pytest.approx(1.75 / 1.7)  # 2 * 0.1 + 1.5
 
 
 def test_acceptance_accounting_on_a_hand_built_result():
@@ -380,3 +384,82 @@ def test_speculative_generate_refuses_bad_arguments(target, kwargs, message):
 def test_speculative_generate_may_fill_the_context_exactly(target):
     result = speculative_generate(target, PromptLookupDrafter(), PROMPT, 58, k=4)
     assert result.tokens == greedy_generate(target, PROMPT, 58)
+
+
+# --- a draft distilled on its target's choices ------------------------------------------------------
+
+
+def test_target_choices_are_its_greedy_continuations_and_its_argmax_everywhere():
+    target = tiny_model(0)
+    prompts = torch.tensor([PROMPT, [5, 4, 3, 2, 1, 0]])
+    inputs, labels = target_choices(target, prompts, 10, batch_size=1)
+    assert inputs.shape == labels.shape == (2, 6 + 10 - 1)
+    assert torch.equal(inputs, target.generate(prompts, 10)[:, :-1])
+    assert torch.equal(labels[:, 5:-1], inputs[:, 6:])  # past the prompt, the argmax is the next greedy token
+    with torch.no_grad():
+        assert torch.equal(labels, target(inputs).logits.argmax(-1))
+
+
+def test_agreement_counts_positions_where_the_argmaxes_match():
+    target = tiny_model(0)
+    inputs, labels = target_choices(target, torch.tensor([PROMPT]), 10)
+    assert agreement(target, inputs, labels) == 1.0
+    flipped = labels.clone()
+    flipped[0, :3] = (labels[0, :3] + 1) % 50
+    assert agreement(target, inputs, flipped) == pytest.approx(1 - 3 / labels.numel())
+
+
+def test_distilling_a_draft_on_the_target_raises_its_agreement_and_is_seeded():
+    target = tiny_model(0)
+    prompts = torch.randint(50, (48, 4), generator=torch.Generator().manual_seed(1))
+    inputs, labels = target_choices(target, prompts, 12)
+    draft = tiny_model(7, n_layer=1)
+    before = agreement(draft, inputs, labels)
+    losses = distill_draft(draft, inputs, labels, steps=60, batch_size=16, learning_rate=1e-2, seed=0)
+    assert len(losses) == 60 and losses[-1] < losses[0]
+    assert agreement(draft, inputs, labels) > before + 0.2
+    again = tiny_model(7, n_layer=1)
+    assert distill_draft(again, inputs, labels, steps=60, batch_size=16, learning_rate=1e-2, seed=0) == losses
+
+
+def test_distilling_refuses_a_batch_larger_than_the_data_and_bad_prompts():
+    target = tiny_model(0)
+    inputs, labels = target_choices(target, torch.tensor([PROMPT]), 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        distill_draft(tiny_model(1), inputs, labels, steps=1, batch_size=2)
+    with pytest.raises(ValueError, match="prompts must be token ids of shape"):
+        target_choices(target, torch.tensor(PROMPT), 4)
+
+
+def test_the_shipped_draft_records_its_distillation_from_shipped_checkpoints():
+    import json
+    import shlex
+
+    from minigpt.train import CHECKPOINT_DIR
+
+    checkpoint = torch.load(CHECKPOINT_DIR / "nano-draft.pt", weights_only=True)
+    arguments = shlex.split(checkpoint["command"])
+    assert arguments[:4] == ["python", "-m", "minigpt.speculative", "distill"]
+    for flag in ("--target", "--draft"):
+        assert (CHECKPOINT_DIR.parent.parent / arguments[arguments.index(flag) + 1]).is_file()
+    history = json.loads(checkpoint["history"])
+    assert history["agreement_after"] > history["agreement_before"]
+
+
+def test_distill_command_saves_a_draft_that_records_its_command(tmp_path, capsys):
+    import json
+
+    from minigpt.model import preset
+    from minigpt.speculative import main
+    from minigpt.train import TrainConfig, load_checkpoint, save_checkpoint
+
+    for name, seed in (("target", 0), ("draft", 1)):
+        torch.manual_seed(seed)
+        save_checkpoint(tmp_path / f"{name}.pt", GPT(preset("nano", context=32)), None, 0, TrainConfig(preset="nano"), {})
+    out = tmp_path / "distilled.pt"
+    main(["distill", "--target", str(tmp_path / "target.pt"), "--draft", str(tmp_path / "draft.pt"), "--prompts", "8",
+          "--prompt-tokens", "8", "--new-tokens", "8", "--steps", "2", "--batch-size", "4", "--out", str(out)])
+    assert "agreement with the target's argmax" in capsys.readouterr().out
+    draft, checkpoint = load_checkpoint(out)
+    assert draft.config.n_layer == 2 and checkpoint["command"].startswith("python -m minigpt.speculative distill")
+    assert set(json.loads(checkpoint["history"])) >= {"agreement_before", "agreement_after", "train_loss"}

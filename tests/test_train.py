@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import data
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import IGNORE_TARGET, GPT, GPTConfig
 from minigpt.positions import RotaryEmbedding
 import minigpt.train
 from minigpt.train import (
@@ -29,6 +29,7 @@ from minigpt.train import (
     main,
     most_common_tokens,
     positions_skipped,
+    probe_rows,
     probe_size_limits,
     probe_window,
     retrain_arguments,
@@ -383,6 +384,41 @@ def test_training_batch_replaces_the_last_rows_with_probes():
     assert torch.equal(unmixed, plain_x)
 
 
+def test_probe_rows_score_the_whole_text_or_only_the_answers():
+    tok = load_tokenizer("minigpt-8k")
+    x, y = probe_rows(random.Random(3), "minigpt-8k", 256, ("edit",))
+    assert torch.equal(x, probe_window(random.Random(3), "minigpt-8k", 257, ("edit",))[:-1])
+    assert torch.equal(x[1:], y[:-1])
+    x, y = probe_rows(random.Random(3), "minigpt-8k", 256, ("edit",), answer_only=True)
+    scored = y != IGNORE_TARGET
+    assert 0 < scored.sum() < 256 and torch.equal(x[1:][scored[:-1]], y[:-1][scored[:-1]])
+    # Every scored stretch is an edited passage and the blank line after it, never the request.
+    stretches = tok.decode(y[scored].tolist()).split("\n\n")
+    assert not any("Replace every" in stretch or "Edited:" in stretch for stretch in stretches)
+    rng = random.Random(3)
+    rng.choice(["edit"])
+    probe = data.make_probe("edit", rng, rng.randint(*probe_size_limits("minigpt-8k", 257, ("edit",))["edit"]))
+    assert tok.decode(y[scored].tolist()).startswith(probe.answer + "\n\n")
+
+
+def test_training_batch_with_answer_loss_leaves_the_corpus_rows_whole():
+    tokens = corpus_tokens("train")
+    config = replace(TINY, batch_size=8, probe_mix=0.5, probe_kinds=("edit",), answer_loss_only=True)
+    x, y = training_batch(tokens, config, 64, torch.Generator().manual_seed(0), random.Random(0), "minigpt-8k")
+    plain_x, plain_y = sample_batch(tokens, 8, 64, torch.Generator().manual_seed(0))
+    assert torch.equal(x[:4], plain_x[:4]) and torch.equal(y[:4], plain_y[:4])
+    assert (x >= 0).all()  # an ignored target never leaks into the inputs
+    assert (y[4:] == IGNORE_TARGET).any() and (y[:4] != IGNORE_TARGET).all()
+
+
+def test_answer_loss_only_trains_from_the_command_line(tmp_path):
+    out = tmp_path / "edit.pt"
+    main(["--preset", "nano", "--steps", "2", "--batch-size", "4", "--eval-every", "1000", "--context", "64",
+          "--probe-mix", "0.5", "--probe-kinds", "edit", "--answer-loss-only", "--out", str(out)])
+    _, checkpoint = load_checkpoint(out)
+    assert json.loads(checkpoint["train_config"])["answer_loss_only"] is True
+
+
 @pytest.mark.parametrize("mix", [-0.1, 1.5])
 def test_probe_mix_outside_zero_to_one_is_refused(mix):
     with pytest.raises(ValueError, match="probe_mix is the share of probe rows per batch, from 0 to 1"):
@@ -720,6 +756,8 @@ def test_every_shipped_checkpoint_records_a_command_that_retrains_it():
     for path in sorted(minigpt.train.CHECKPOINT_DIR.glob("*.pt")):
         checkpoint = torch.load(path, weights_only=True)
         if "vision_config" in checkpoint:  # made by python -m minigpt.vision train (tests/test_vision.py)
+            continue
+        if checkpoint["command"].startswith("python -m minigpt.speculative distill"):  # tests/test_speculative.py
             continue
         arguments = retrain_arguments(checkpoint, path)
         assert arguments[-2:] == ["--out", str(path)] and arguments.count("--out") == 1, path.name

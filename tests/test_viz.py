@@ -921,4 +921,6 @@ def test_plot_speculative_rounds_draws_kept_rejected_and_target_tokens():
     assert boxes["w9"] == boxes["w6"] == boxes["w8"] == to_rgba(SPECULATIVE_COLOURS["target"])
     assert "w5" in boxes and len(ax.lines) == 2  # one strike-through per rejected draft
     assert [t.get_text() for t in ax.get_yticklabels()] == ["pass 1", "pass 2", "pass 3"]
-    assert ax.get_title(loc="left") == "three rounds" and ax.get_xlabel()
+    assert ax.get_title(loc="left") == "three rounds" and ax.get_xlabel() and ax.get_ylabel()
+    first_two = plot_speculative_rounds(rounds, lambda ids: [f"w{i}" for i in ids], max_rounds=2, title="two")
+    assert first_two.axes[0].get_title(loc="left") == "two (the first 2 of 3 passes)"

@@ -1,0 +1,216 @@
+"""Sampler benchmarks: every figure beside its baseline, measured in the same run.
+
+    python benchmarks/sampler.py        # about 3 minutes on a 2-core laptop
+
+1. Draft-model speculative decoding against plain greedy decoding of the same target (`full`),
+   identical output, with the acceptance rate, the cost ratio and Leviathan et al.'s predicted
+   speed-up. The draft is `nano-draft`, `nano` distilled on `full`'s own choices
+   (`python -m minigpt.speculative distill`); `nano` as trained on the corpus is shown beside it.
+   Goal: >= 1.5x.
+2. Predicted outputs on the editing task (the caller's original text is the draft) against plain
+   greedy decoding by `mini-edit`, identical output; prompt-lookup decoding beside it, and how many
+   of the edits the model gets exactly right. Goal: >= 3x.
+3. Time to first token of a prompt whose 1,000-token prefix is in the prompt cache, against a cold
+   prefill of the same prompt, each model stretched with YaRN to 2,048 tokens to hold it. Goal
+   (on `full`): <= 0.1. `mini` is shown beside it: a smaller model's cold prefill is cheaper while
+   the cached one still pays a whole pass of per-layer overhead, so its ratio is higher.
+4. JSON-schema-constrained decoding against unconstrained decoding by `mini`, tokens per second,
+   masks cached. Goal: >= 0.8.
+
+Timings are the best of `--repeats` runs, on `--threads` threads (1 by default): decoding one
+sequence with models this small is a chain of tiny operations, which a second thread does not speed
+up and whose timings it makes erratic. Baselines and speed-ups always run on the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from minigpt import data, sampler, speculative
+from minigpt.model import GPT
+from minigpt.prompt_cache import PromptCache
+from minigpt.structured import TokenConstraint
+from minigpt.train import CHECKPOINT_DIR, corpus_tokens, load_checkpoint, load_tokenizer
+
+RECORD_SCHEMA = {"type": "object", "properties": {
+    "speaker": {"enum": ["ROMEO", "JULIET", "NURSE"]},
+    "line": {"type": "string", "maxLength": 24},
+    "act": {"type": "integer", "minimum": 0},
+    "moods": {"type": "array", "items": {"enum": ["merry", "sad", "angry"]}, "maxItems": 3}}}
+SPECULATIVE_PROMPTS = ("ROMEO:\n", "KING HENRY V:\n", "JULIET:\nO Romeo, Romeo!", "HAMLET:\nTo be, or not to be")
+
+
+def best_seconds(run, repeats: int):
+    """The fastest of `repeats` runs of `run()`, and its result."""
+    best, result = math.inf, None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """`n` greedy tokens after `prompt`, by the model's own cached decoding."""
+    return model.generate(torch.tensor([prompt]), n)[0, len(prompt):].tolist()
+
+
+@torch.no_grad()
+def verify_pass(model: GPT, prompt: list[int], n_positions: int, repeats: int = 20) -> float:
+    """Seconds for one cached pass that scores `n_positions` new positions (the average of `repeats`)."""
+    decoder = sampler.Decoder(model, prompt)
+    decoder.logits()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        decoder.cached_tokens = decoder.cached_tokens[: len(prompt)]
+        decoder.logits(list(range(1, n_positions)))  # the last prompt token and n_positions - 1 drafts
+    return (time.perf_counter() - start) / repeats
+
+
+def draft_model_speedup(target: GPT, drafts: dict[str, GPT], prompts: list[list[int]], n: int, k: int,
+                        repeats: int) -> None:
+    """Speculative decoding of `target` with each draft against its plain greedy decoding."""
+    references, plain = [], 0.0
+    for prompt in prompts:
+        seconds, reference = best_seconds(lambda: greedy(target, prompt, n), repeats)
+        plain, references = plain + seconds, references + [reference]
+    target_step = best_seconds(lambda: greedy(target, prompts[0], 32), repeats)[0] / 32
+    verify_cost = min(verify_pass(target, prompts[0], k + 1) for _ in range(repeats)) / target_step
+    print(f"1. draft-model speculative decoding of full (k={k}), {len(prompts)} prompts x {n} tokens, greedy")
+    print(f"   plain decoding: {plain:.2f} s ({target_step * 1e3:.1f} ms per token)")
+    for name, draft in drafts.items():
+        total, results = 0.0, []
+        for prompt, reference in zip(prompts, references):
+            seconds, result = best_seconds(lambda: speculative.speculative_generate(
+                target, speculative.ModelDrafter(draft), prompt, n, k=k), repeats)
+            assert result.tokens == reference, f"speculative output with {name} differs from the target's greedy output"
+            total, results = total + seconds, results + [result]
+        draft_step = best_seconds(lambda: greedy(draft, prompts[0], 32), repeats)[0] / 32
+        judged = sum(min(r.accepted + 1, len(r.drafted)) for result in results for r in result.rounds)
+        alpha, cost_ratio = sum(result.accepted for result in results) / judged, draft_step / target_step
+        tokens_per_pass = sum(len(r.tokens) for r in results) / sum(r.target_passes for r in results)
+        print(f"   draft {name}: {total:.2f} s, {plain / total:.2f}x, identical output; acceptance {alpha:.2f}, "
+              f"{tokens_per_pass:.2f} tokens per target pass, cost ratio {cost_ratio:.2f}; Leviathan et al. "
+              f"predict {speculative.predicted_speedup(alpha, k, cost_ratio):.2f}x, "
+              f"{speculative.predicted_speedup(alpha, k, cost_ratio, verify_cost):.2f}x with the measured "
+              f"verification ({k + 1} positions cost {verify_cost:.2f} single-token passes)")
+    print("   goal: >= 1.5x with the distilled draft")
+
+
+def predicted_outputs_speedup(model: GPT, tok, n_requests: int, n_lines: int, k: int, repeats: int) -> None:
+    """Predicted outputs and prompt lookup against plain greedy decoding, on held-out edits."""
+    plain = predicted = lookup = 0.0
+    passes = tokens = exact = 0
+    for seed in range(n_requests):
+        request = data.edit_probe(random.Random(seed), n_lines, split="val")
+        prompt = tok.encode(request.prompt)
+        original = tok.encode(request.prompt.split("\n", 1)[1].rsplit("\nEdited:\n", 1)[0])
+        n = len(tok.encode(request.answer))
+        seconds, reference = best_seconds(lambda: greedy(model, prompt, n), repeats)
+        plain += seconds
+        exact += tok.decode(reference) == request.answer
+        seconds, result = best_seconds(lambda: speculative.speculative_generate(
+            model, speculative.PredictionDrafter(original, len(prompt)), prompt, n, k=k), repeats)
+        predicted += seconds
+        assert result.tokens == reference, "predicted-output decoding differs from plain greedy decoding"
+        passes, tokens = passes + result.target_passes, tokens + len(result.tokens)
+        seconds, result = best_seconds(lambda: speculative.speculative_generate(
+            model, speculative.PromptLookupDrafter(), prompt, n, k=k), repeats)
+        lookup += seconds
+        assert result.tokens == reference, "prompt-lookup decoding differs from plain greedy decoding"
+    print(f"2. predicted outputs on {n_requests} held-out {n_lines}-line edits by mini-edit (k={k}), greedy")
+    print(f"   the model's edit exactly right in {exact} of {n_requests}")
+    print(f"   plain {plain:.2f} s, predicted outputs {predicted:.2f} s: {plain / predicted:.2f}x (goal >= 3x), "
+          f"identical output, {tokens / passes:.2f} tokens per target pass")
+    print(f"   prompt lookup {lookup:.2f} s: {plain / lookup:.2f}x, identical output")
+
+
+def stretched(model: GPT, factor: int = 8) -> GPT:
+    """The same weights with YaRN stretching the context `factor` times."""
+    config = replace(model.config, context=factor * model.config.context, rope_scaling="yarn",
+                     rope_factor=float(factor), rope_original_context=model.config.context)
+    longer = GPT(config).eval()
+    longer.load_state_dict(model.state_dict())
+    return longer
+
+
+def cached_time_to_first_token(models: dict[str, GPT], tok, prefix_tokens: int, repeats: int) -> None:
+    """A cache hit's prefill against a cold prefill of the same prompt, for each model."""
+    prefix = corpus_tokens("val")[:prefix_tokens].tolist()
+    question = tok.encode("\n\nROMEO:\nWhat say you?\n")
+    earlier = tok.encode("\n\nJULIET:\nAnd I?\n")
+    print(f"3. time to first token, a {len(prefix) + len(question):,}-token prompt whose first "
+          f"{prefix_tokens:,} tokens an earlier request left in the cache")
+    for name, model in models.items():
+        model = stretched(model)
+
+        @torch.no_grad()
+        def cold():
+            return model(torch.tensor([prefix + question]), kv_cache=model.new_kv_cache(1), last_only=True).logits
+
+        def cached():  # a fresh cache each time, holding only the earlier request, so every hit reuses the prefix alone
+            cache = PromptCache(model, max_positions=4 * prefix_tokens)
+            cache.prefill(torch.tensor([prefix + earlier]))
+            start = time.perf_counter()
+            hit = cache.prefill(torch.tensor([prefix + question]))
+            return time.perf_counter() - start, hit
+
+        cold_seconds, cold_logits = best_seconds(cold, repeats)
+        cached_seconds, hit = min((cached() for _ in range(repeats)), key=lambda timed: timed[0])
+        assert torch.allclose(hit.logits, cold_logits[0, -1].float(), atol=1e-4), "a cache hit changed the logits"
+        print(f"   {name}: cold {cold_seconds * 1e3:.1f} ms, cached ({hit.cached_tokens:,} tokens) "
+              f"{cached_seconds * 1e3:.1f} ms: {cached_seconds / cold_seconds:.3f} of it"
+              + (" (goal <= 0.1)" if name == "full" else ""))
+
+
+def constrained_throughput(model: GPT, tok, requests: int, repeats: int) -> None:
+    """Tokens per second with a JSON-schema constraint against none, same requests and seeds."""
+    token_bytes = tok.decode_tokens_bytes(range(tok.n_vocab))
+    constraint = TokenConstraint.from_schema(RECORD_SCHEMA, token_bytes, tok.special_tokens["<|endoftext|>"],
+                                             special_ids=tok.special_tokens.values())
+
+    def run(use):
+        return sum(len(sampler.complete(model, tok, "JULIET:\n", max_tokens=60, seed=seed, constraint=use)
+                       .choices[0].token_ids) for seed in range(requests))
+
+    run(constraint)  # the first visits build the masks; the figure is the steady state
+    constrained_seconds, constrained_tokens = best_seconds(lambda: run(constraint), repeats)
+    plain_seconds, plain_tokens = best_seconds(lambda: run(None), repeats)
+    ratio = (constrained_tokens / constrained_seconds) / (plain_tokens / plain_seconds)
+    print(f"4. JSON-schema constrained sampling by mini, {requests} requests ({constraint.cached_states} cached masks)")
+    print(f"   constrained {constrained_tokens / constrained_seconds:.0f} tokens/s, unconstrained "
+          f"{plain_tokens / plain_seconds:.0f} tokens/s: {ratio:.2f} of it (goal >= 0.8)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", type=Path, default=CHECKPOINT_DIR, help="where full, nano-draft, nano, "
+                        "mini and mini-edit are")
+    parser.add_argument("--k", type=int, default=4, help="draft tokens per round for the draft model")
+    parser.add_argument("--edit-k", type=int, default=16, help="draft tokens per round for predicted outputs")
+    parser.add_argument("--repeats", type=int, default=5, help="each timing is the best of this many runs")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for every measurement")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"{torch.get_num_threads()} thread(s)")
+    models = {name: load_checkpoint(args.checkpoints / f"{name}.pt")[0].eval()
+              for name in ("full", "nano-draft", "nano", "mini", "mini-edit")}
+    tok = load_tokenizer(models["full"].config.tokenizer)
+    prompts = [tok.encode(text) for text in SPECULATIVE_PROMPTS]
+    draft_model_speedup(models["full"], {"nano-draft": models["nano-draft"], "nano": models["nano"]}, prompts, 60,
+                        args.k, args.repeats)
+    predicted_outputs_speedup(models["mini-edit"], tok, 6, 8, args.edit_k, args.repeats)
+    cached_time_to_first_token({"full": models["full"], "mini": models["mini"]}, tok, 1000, args.repeats)
+    constrained_throughput(models["mini"], tok, 4, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
