@@ -821,8 +821,9 @@ def patch_attention_explorer(model, examples: Sequence, layer: int | None = None
 
 
 def _probability_bars(ax, probabilities: torch.Tensor, labels: Sequence[str], title: str,
-                      reference: torch.Tensor | None = None) -> None:
-    """Bars of `probabilities` over the tokens `labels` (already chosen and ordered); removed tokens grey."""
+                      reference: torch.Tensor | None = None, n_kept: int | None = None) -> None:
+    """Bars of `probabilities` over the tokens `labels` (already chosen and ordered); removed tokens grey.
+    `n_kept`, the tokens left in the whole vocabulary, is noted in a corner when given."""
     positions = np.arange(len(labels))
     if reference is not None:
         ax.bar(positions, reference.numpy(), color="#e5e7eb", label="before")
@@ -831,7 +832,7 @@ def _probability_bars(ax, probabilities: torch.Tensor, labels: Sequence[str], ti
     ax.set_xticks(positions, labels, rotation=60, ha="right", fontsize=8)
     ax.set(title=title, xlabel="token", ylabel="probability", ylim=(0, 1.05 * max(float(probabilities.max()),
                                                                   float(reference.max()) if reference is not None else 0)))
-    ax.text(0.98, 0.95, f"{int(kept.sum())} tokens kept" if reference is not None else "",
+    ax.text(0.98, 0.95, f"{n_kept:,} tokens kept" if n_kept is not None else "",
             transform=ax.transAxes, ha="right", va="top", fontsize=8)
 
 
@@ -866,7 +867,8 @@ def plot_sampling_pipeline(logits: torch.Tensor, params, labels: Sequence[str], 
     figure = Figure(figsize=(3.1 * (len(stages) - 1), 3.2), layout="constrained")
     axes = figure.subplots(1, len(stages) - 1, squeeze=False)[0]
     for ax, (before, after) in zip(axes, itertools.pairwise(stages)):
-        _probability_bars(ax, after[1][order], names, f"after {after[0]}", reference=before[1][order])
+        _probability_bars(ax, after[1][order], names, f"after {after[0]}", reference=before[1][order],
+                          n_kept=int((after[1] > 0).sum()))
     axes[0].legend(fontsize=8, loc="center right")
     order_name = "truncation, then temperature (llama.cpp)" if params.temperature_last else "temperature first (Hugging Face)"
     figure.suptitle(f"The next-token distribution through each processor: {order_name}")
@@ -897,7 +899,7 @@ def sampling_explorer(logits: torch.Tensor, labels: Sequence[str], top: int = 15
         figure = Figure(figsize=(8, 3.4), layout="constrained")
         ax = figure.subplots()
         _probability_bars(ax, final[-1][1][order], names, "the distribution the sampler draws from",
-                          reference=final[0][1][order])
+                          reference=final[0][1][order], n_kept=int((final[-1][1] > 0).sum()))
         ax.legend(["the model's own", "after the processors"], fontsize=8, loc="center right")
         _show_png(picture, figure)
 
@@ -943,8 +945,8 @@ def plot_speculative_rounds(rounds: Sequence, labels_of, max_rounds: int = 12, t
     ax.set_xlabel("tokens of each round, left to right")
     ax.set_ylabel("target pass")
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in SPECULATIVE_COLOURS.values()]
-    ax.legend(handles, ["draft kept", "draft rejected", "target's own token"], loc="lower right", fontsize=8,
-              bbox_to_anchor=(1, 1.0), ncol=3, frameon=False)
+    figure.legend(handles, ["draft kept", "draft rejected", "target's own token"], loc="outside lower center",
+                  fontsize=8, ncol=3, frameon=False)
     shown = f" (the first {len(rounds)} of {total} passes)" if len(rounds) < total else ""
     ax.set_title((title or "Speculative decoding, one target pass per row") + shown, loc="left")
     return figure
