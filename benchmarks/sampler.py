@@ -28,12 +28,12 @@ import argparse
 import math
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from minigpt import data, sampler, speculative
+from minigpt.long_context import stretch
 from minigpt.model import GPT
 from minigpt.prompt_cache import PromptCache
 from minigpt.structured import TokenConstraint
@@ -132,15 +132,6 @@ def predicted_outputs_speedup(model: GPT, tok, n_requests: int, n_lines: int, k:
     print(f"   prompt lookup {lookup:.2f} s: {plain / lookup:.2f}x, identical output")
 
 
-def stretched(model: GPT, factor: int = 8) -> GPT:
-    """The same weights with YaRN stretching the context `factor` times."""
-    config = replace(model.config, context=factor * model.config.context, rope_scaling="yarn",
-                     rope_factor=float(factor), rope_original_context=model.config.context)
-    longer = GPT(config).eval()
-    longer.load_state_dict(model.state_dict())
-    return longer
-
-
 def cached_time_to_first_token(models: dict[str, GPT], tok, prefix_tokens: int, repeats: int) -> None:
     """A cache hit's prefill against a cold prefill of the same prompt, for each model."""
     prefix = corpus_tokens("val")[:prefix_tokens].tolist()
@@ -149,7 +140,7 @@ def cached_time_to_first_token(models: dict[str, GPT], tok, prefix_tokens: int, 
     print(f"3. time to first token, a {len(prefix) + len(question):,}-token prompt whose first "
           f"{prefix_tokens:,} tokens an earlier request left in the cache")
     for name, model in models.items():
-        model = stretched(model)
+        model = stretch(model, "yarn", 8.0)  # 2,048 tokens
 
         @torch.no_grad()
         def cold():

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -282,18 +281,20 @@ def distill_draft(draft: GPT, inputs: torch.Tensor, labels: torch.Tensor, steps:
     """Train `draft` in place to predict the target's choices `labels` on `inputs` (from
     `target_choices`): cross-entropy on the target's argmax, linear warmup then cosine decay to a
     tenth. Returns the loss at every step."""
-    from minigpt.train import optimizer_step, weight_decay_groups  # train imports the model, not this module
+    from minigpt.train import TrainConfig, optimizer_step, weight_decay_groups  # train does not import this module
+    from minigpt.train import learning_rate as scheduled_rate
 
     if len(inputs) < batch_size:
         raise ValueError(f"batch_size ({batch_size}) is more than the {len(inputs)} sequences to train on")
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(weight_decay_groups(draft, 0.1), lr=learning_rate, betas=(0.9, 0.95))
-    warmup, losses = max(1, steps // 20), []
+    schedule = TrainConfig(steps=steps, warmup_steps=max(1, steps // 20), learning_rate=learning_rate,
+                           min_learning_rate=learning_rate / 10)
+    losses = []
     draft.train()
     for step in tqdm(range(steps), desc="distilling the draft", disable=not progress):
-        cosine = 0.5 * (1 + math.cos(math.pi * max(0, step - warmup) / max(1, steps - warmup)))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate * min((step + 1) / warmup, 0.1 + 0.9 * cosine)
+            group["lr"] = scheduled_rate(step, schedule)
         rows = torch.randint(len(inputs), (batch_size,), generator=generator)
         loss = draft(inputs[rows], labels[rows]).loss
         optimizer_step(draft, optimizer, loss, grad_clip=1.0)
