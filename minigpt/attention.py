@@ -12,6 +12,7 @@ Queries are always the *last* `T_q` positions of the `T_k` keys: during a full f
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,6 +37,12 @@ def causal_mask(
         first_query = n_keys - n_queries
     query_positions = torch.arange(n_queries, device=device)[:, None] + first_query
     return torch.arange(n_keys, device=device)[None, :] + first_key <= query_positions
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
+    """`causal_mask`, made once for every layer of a pass that asks for the same shape (never modified)."""
+    return causal_mask(n_queries, n_keys, device)
 
 
 def expand_kv(k: torch.Tensor, v: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +99,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     if causal and n_queries == n_keys:
         options["is_causal"] = True
     elif causal and n_queries > 1:  # a single new query sees every key: no mask needed
-        options["attn_mask"] = causal_mask(n_queries, n_keys, q.device)
+        options["attn_mask"] = _shared_causal_mask(n_queries, n_keys, q.device)
     return F.scaled_dot_product_attention(q, k, v, **options)
 
 

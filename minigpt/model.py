@@ -85,6 +85,36 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
+FEW_ROWS = 8  # from 2 rows up to this many, `project` computes the transposed product
+
+
+def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T` for `x` `(..., in)` and `weight` `(out, in)`: what `F.linear(x, weight)` computes.
+
+    Speculative decoding scores a few positions in one pass and counts on that pass costing about
+    what one position costs: a small model's pass is the time to read its weights, and the
+    arithmetic for a few rows is small beside it. On a CPU, `F.linear` on 2 to 8 rows falls short of
+    that (its matrix multiply costs up to twice a single row in our measurements), while the
+    transposed product `weight @ x.T` costs little more than one row. The two agree up to float
+    rounding, so the choice is speed alone; `benchmarks/sampler.py` measures it.
+    """
+    rows = x.shape[:-1].numel()
+    if 1 < rows <= FEW_ROWS and x.device.type == "cpu":
+        rows_first = x.reshape(rows, -1).contiguous()  # (rows, in); its .t() is a view, the layout the kernel wants
+        return (weight @ rows_first.t()).t().contiguous().view(*x.shape[:-1], -1)  # (..., out)
+    return F.linear(x, weight)
+
+
+class Projection(nn.Linear):
+    """A bias-free `nn.Linear` (same parameters and state dict) computed by `project`."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__(n_in, n_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project(x, self.weight)
+
+
 class RMSNorm(nn.Module):
     """Scale each vector to unit root-mean-square, then by a learned gain (no mean, no bias)."""
 
@@ -102,9 +132,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, n_embd: int, hidden: int):
         super().__init__()
-        self.gate = nn.Linear(n_embd, hidden, bias=False)
-        self.up = nn.Linear(n_embd, hidden, bias=False)
-        self.down = nn.Linear(hidden, n_embd, bias=False)
+        self.gate = Projection(n_embd, hidden)
+        self.up = Projection(n_embd, hidden)
+        self.down = Projection(hidden, n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -117,9 +147,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.chunk_size = config.attention_chunk
-        self.query = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
-        self.key_value = nn.Linear(config.n_embd, 2 * config.n_kv_head * config.head_dim, bias=False)
-        self.out = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.query = Projection(config.n_embd, config.n_head * config.head_dim)
+        self.key_value = Projection(config.n_embd, 2 * config.n_kv_head * config.head_dim)
+        self.out = Projection(config.n_head * config.head_dim, config.n_embd)
 
     def forward(
         self,
@@ -243,7 +273,7 @@ class GPT(nn.Module):
                 raise ValueError(f"candidates must be a non-empty 1-D tensor of token ids, got {candidates!r}")
             _check_ids(candidates[None], self.config.vocab_size, "candidates")
             output_weight = output_weight[candidates]  # (n_candidates, n_embd)
-        logits = F.linear(self.final_norm(x), output_weight)  # (B, T, vocab or n_candidates)
+        logits = project(self.final_norm(x), output_weight)  # (B, T, vocab or n_candidates)
         loss = None
         if targets is not None:
             scored = torch.where(targets == IGNORE_TARGET, 0, targets) if isinstance(targets, torch.Tensor) else targets
@@ -341,10 +371,10 @@ def _check_ids(idx: torch.Tensor, vocab_size: int, name: str = "token ids") -> N
         raise TypeError(f"{name} must be an integer tensor (torch.long), got {getattr(idx, 'dtype', type(idx).__name__)}")
     if idx.ndim != 2:
         raise ValueError(f"{name} must have shape (batch, time), got {tuple(idx.shape)}")
-    if idx.numel() and (idx.min() < 0 or idx.max() >= vocab_size):
-        raise ValueError(
-            f"{name} must lie in [0, {vocab_size}), found values from {idx.min().item()} to {idx.max().item()}"
-        )
+    if idx.numel():
+        low, high = (bound.item() for bound in idx.aminmax())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} must lie in [0, {vocab_size}), found values from {low} to {high}")
 
 
 def preset(name: str, **overrides) -> GPTConfig:

@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 from torch import nn
 
 SCHEMES = ("rope", "linear", "ntk", "dynamic-ntk", "yarn")
@@ -43,11 +42,11 @@ def rope_frequencies(head_dim: int, base: float = 10_000.0) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair `(x[2i], x[2i+1])` of `x` `(B, H, T, head_dim)` by the angles behind `cos, sin` `(T, head_dim // 2)`."""
     dtype = torch.promote_types(x.dtype, torch.float32)  # rotate in at least float32
-    pairs = rearrange(x.to(dtype), "... (half two) -> ... half two", two=2)
-    even, odd = pairs[..., 0], pairs[..., 1]  # (B, H, T, head_dim // 2)
-    cos, sin = cos.to(dtype), sin.to(dtype)
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rearrange(rotated, "... half two -> ... (half two)").type_as(x)
+    if x.dtype != dtype or cos.dtype != dtype or sin.dtype != dtype:  # cast only when needed: decoding is per-op bound
+        return apply_rotary(x.to(dtype), cos.to(dtype), sin.to(dtype)).type_as(x)
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, T, head_dim // 2): the pairs' two halves
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (B, H, T, head_dim // 2, 2)
+    return rotated.flatten(-2)  # each pair back in its two dimensions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +208,7 @@ class RotaryEmbedding(nn.Module):
 
     Angles are computed in float64 from freshly computed frequencies (no stored buffer that a
     `model.half()` would round): at position 100,000 float32 frequencies would be off by 1e-3.
+    Their float32 cos and sin are kept in a table (not in the state dict) for the next call.
 
     With a `scaling`, the frequencies are the scheme's, and the returned cos and sin are multiplied
     by `attention_factor(scaling)` (as Hugging Face does for YaRN): rotating q and k each by those
@@ -225,14 +225,34 @@ class RotaryEmbedding(nn.Module):
         if scaling is not None and scaling.scheme in ("ntk", "dynamic-ntk"):
             ntk_base(head_dim, base, scaling.factor)  # NTK also needs head_dim > 2
         self.head_dim, self.base, self.scaling = head_dim, base, scaling
+        self._table: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (what it was made for, cos, sin)
 
     def forward(
         self, start: int, length: int, device: torch.device | str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, each `(length, head_dim // 2)` in float32, for positions `start ... start + length - 1`."""
-        positions = torch.arange(start, start + length, dtype=torch.float64)
-        frequencies = scaled_frequencies(self.head_dim, self.base, self.scaling, start + length)
-        angles = positions[:, None] * frequencies[None, :]  # (length, head_dim // 2)
+        """cos and sin, each `(length, head_dim // 2)` in float32, for positions `start ... start + length - 1`.
+
+        Decoding asks for one position at a time, so the angles of positions `0 ... end - 1` are kept
+        in a table and sliced: the same numbers, computed once. Dynamic NTK past its original
+        context changes every angle with the length, and is computed afresh each time.
+        """
+        end = start + length
+        if not cached_keys_stay_exact(self.scaling, end):
+            return self._cos_sin(start, end, device)
+        made_for = (self.head_dim, self.base, self.scaling, torch.device(device or "cpu"))
+        if self._table is None or self._table[0] != made_for or len(self._table[1]) < end:
+            longest = 0 if self._table is None or self._table[0] != made_for else len(self._table[1])
+            size = max(end, 2 * longest)  # grow by doubling, so a long decode rebuilds it a few times only
+            if self.scaling is not None and self.scaling.scheme == "dynamic-ntk":
+                size = min(size, self.scaling.original_context)  # where its angles do not depend on the length
+            self._table = (made_for, *self._cos_sin(0, size, device))
+        _, cos, sin = self._table
+        return cos[start:end], sin[start:end]
+
+    def _cos_sin(self, start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(start, end, dtype=torch.float64)
+        frequencies = scaled_frequencies(self.head_dim, self.base, self.scaling, end)
+        angles = positions[:, None] * frequencies[None, :]  # (end - start, head_dim // 2)
         m = attention_factor(self.scaling)  # exactly 1.0 unless YaRN: cos * 1.0 is cos, bit for bit
         return (angles.cos() * m).float().to(device), (angles.sin() * m).float().to(device)
 

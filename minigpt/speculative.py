@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minigpt.model import GPT
-from minigpt.sampler import Decoder, SamplingParams, next_token_probabilities, sample_token
+from minigpt.sampler import Decoder, SamplingParams, next_token_probabilities, process_logits, sample_token
 
 
 class Draft(NamedTuple):
@@ -61,10 +61,18 @@ class Drafter(Protocol):
 
 
 class ModelDrafter:
-    """Drafts by sampling a smaller model with the same sampling parameters (KV cache kept between rounds)."""
+    """Drafts by sampling a smaller model with the same sampling parameters (KV cache kept between rounds).
 
-    def __init__(self, model: GPT):
-        self.model = model
+    With `min_confidence` > 0 a round's draft ends early, after a token the draft itself gave less
+    than that probability (its softmax, at temperature 1 when greedy): such a token is often
+    rejected, and the steps drafted after it would be wasted (Hugging Face's assisted generation
+    does the same with `assistant_confidence_threshold`).
+    """
+
+    def __init__(self, model: GPT, min_confidence: float = 0.0):
+        if not 0 <= min_confidence <= 1:
+            raise ValueError(f"min_confidence must be a probability in [0, 1], got {min_confidence!r}")
+        self.model, self.min_confidence = model, min_confidence
         self.decoder: Decoder | None = None
 
     def propose(self, sequence, k, params, counts, generator) -> Draft:
@@ -73,12 +81,22 @@ class ModelDrafter:
         self.decoder.tokens = list(sequence)  # the cache keeps whatever prefix still agrees
         tokens, rows, counts = [], [], counts.clone()
         for _ in range(k):
-            q = next_token_probabilities(self.decoder.logits()[-1], params, counts)  # (vocab,)
+            logits = self.decoder.logits()[-1]  # (vocab,)
+            q = next_token_probabilities(logits, params, counts)
             token = int(q.argmax()) if params.temperature == 0 else sample_token(q, generator)
             tokens.append(token), rows.append(q)
-            counts[token] += 1
             self.decoder.commit([token])  # each step runs only the new token (the next round resets the sequence)
+            if self.min_confidence and self._confidence(logits, q, token, params, counts) < self.min_confidence:
+                break
+            counts[token] += 1
         return Draft(tokens, torch.stack(rows) if rows else None)
+
+    @staticmethod
+    def _confidence(logits, q, token, params, counts) -> float:
+        """The draft's probability of `token`: q's, or when greedy (q one-hot) its softmax at temperature 1."""
+        if params.temperature > 0:
+            return float(q[token])
+        return float(process_logits(logits, params, counts).softmax(dim=-1)[token])
 
 
 class PredictionDrafter:

@@ -1,6 +1,7 @@
 """Tests for minigpt/attention.py: the written-out attention against PyTorch's reference kernel,
 the fused `sdpa_attention`, the returned weights, chunked attention with its online softmax, the
-causal mask, the KV cache, the memory chunked attention saves, and clear errors on bad inputs.
+causal mask (and the cached copy `sdpa_attention` shares between layers), the KV cache, the memory
+chunked attention saves, and clear errors on bad inputs.
 
 References are built here, independently of the module: the mask with `torch.tril`, grouped
 key/value heads with `repeat_interleave`, and the kernel is `F.scaled_dot_product_attention`.
@@ -16,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from minigpt.attention import (
     KVCache,
+    _shared_causal_mask,
     attention,
     causal_mask,
     check_qkv,
@@ -296,6 +298,33 @@ def test_causal_mask_blocks_are_slices_of_the_full_mask(n_queries, n_keys):
                 for k1 in range(k0 + 1, n_keys + 1):
                     block = causal_mask(q1 - q0, k1 - k0, first_query=offset + q0, first_key=k0)
                     assert torch.equal(block, full[q0:q1, k0:k1]), (q0, q1, k0, k1)
+
+
+@pytest.mark.parametrize("n_queries, n_keys", [(3, 7), (2, 10), (5, 5), (1, 4)])
+def test_shared_causal_mask_equals_causal_mask_and_is_made_once_per_shape(n_queries, n_keys):
+    device = torch.device("cpu")
+    mask = _shared_causal_mask(n_queries, n_keys, device)
+    assert mask.dtype == torch.bool and torch.equal(mask, causal_mask(n_queries, n_keys, device))
+    assert _shared_causal_mask(n_queries, n_keys, device) is mask  # every layer of a pass gets this one tensor
+    assert _shared_causal_mask(n_queries, n_keys + 1, device) is not mask
+    assert torch.equal(_shared_causal_mask(n_queries, n_keys + 1, device), causal_mask(n_queries, n_keys + 1))
+
+
+def test_sdpa_attention_with_the_shared_mask_still_equals_attention_when_called_again():
+    # 3 new queries after 4 cached keys (a verify pass), twice as two layers would: the second call
+    # reuses the first's mask, which SDPA must have left as it was
+    q, k, v = make_qkv(2, 4, 2, 3, 7, seed=5)
+    before = _shared_causal_mask.cache_info()
+    first = sdpa_attention(q, k, v, causal=True)
+    torch.testing.assert_close(first, attention(q, k, v, causal=True), rtol=1e-10, atol=1e-10)
+    q2, k2, v2 = make_qkv(2, 4, 2, 3, 7, seed=6)
+    torch.testing.assert_close(sdpa_attention(q2, k2, v2, causal=True), attention(q2, k2, v2, causal=True),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sdpa_attention(q, k, v, causal=True), first, rtol=0, atol=0)
+    after = _shared_causal_mask.cache_info()
+    assert after.hits + after.misses - before.hits - before.misses == 3  # each call asked the cache...
+    assert after.hits - before.hits >= 2  # ...and made the mask at most once
+    assert torch.equal(_shared_causal_mask(3, 7, q.device), reference_mask(3, 7))  # SDPA left it unchanged
 
 
 # --------------------------------------------------------------------------- KV cache

@@ -1,5 +1,6 @@
-"""Tests for minigpt/model.py: presets, the building blocks, the forward pass, the KV cache, the
-embedding splice point, a training sanity check, and clear errors on bad inputs.
+"""Tests for minigpt/model.py: presets, the building blocks, the few-row projection `project` (and
+`Projection`, the layer built on it), the forward pass, the KV cache, the embedding splice point, a
+training sanity check, and clear errors on bad inputs.
 
 Small configs throughout (a vocabulary of 97, a context of 24) except where a preset is the point.
 """
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import minigpt.model
 from minigpt.positions import RopeScaling
 from minigpt.model import (
+    FEW_ROWS,
     GPT,
     IGNORE_TARGET,
     PRESETS,
@@ -20,10 +22,12 @@ from minigpt.model import (
     CausalSelfAttention,
     GPTConfig,
     ModelOutput,
+    Projection,
     RMSNorm,
     SwiGLU,
     describe_presets,
     preset,
+    project,
 )
 
 VOCAB, CONTEXT = 97, 24
@@ -175,6 +179,94 @@ def test_attention_module_has_grouped_key_value_projection():
     assert attention.query.weight.shape == (4 * 8, 32)
     assert attention.key_value.weight.shape == (2 * 2 * 8, 32)
     assert attention.out.weight.shape == (32, 4 * 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# project and Projection: F.linear's result, by a transposed product for a few rows on a CPU
+
+ALL_ROW_COUNTS = range(1, FEW_ROWS + 4)  # one row, the few-row path, and past it
+
+
+@pytest.mark.parametrize("rows", ALL_ROW_COUNTS)
+def test_project_equals_linear_for_two_dimensional_input(rows):
+    x, weight = torch.randn(rows, 24), torch.randn(40, 24)
+    out = project(x, weight)
+    assert out.shape == (rows, 40) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, weight))
+
+
+@pytest.mark.parametrize("batch, time", [(1, 1), (1, 2), (2, 3), (2, 4), (3, 3), (1, FEW_ROWS), (3, 4), (2, 8)])
+def test_project_equals_linear_for_three_dimensional_input(batch, time):
+    x, weight = torch.randn(batch, time, 24), torch.randn(40, 24)
+    out = project(x, weight)
+    assert out.shape == (batch, time, 40) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, weight))
+
+
+@pytest.mark.parametrize("rows", ALL_ROW_COUNTS)
+def test_project_equals_linear_for_non_contiguous_input(rows):
+    weight = torch.randn(40, 24)
+    transposed = torch.randn(24, rows).t()  # (rows, 24), columns adjacent in memory
+    assert not transposed.is_contiguous() or rows == 1
+    out = project(transposed, weight)
+    assert out.shape == (rows, 40) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(transposed, weight))
+    if rows % 2 == 0 and rows > 2:  # (batch, time, in) with batch and time swapped in memory
+        permuted = torch.randn(rows // 2, 2, 24).transpose(0, 1)
+        assert not permuted.is_contiguous()
+        out = project(permuted, weight)
+        assert out.shape == (2, rows // 2, 40) and out.is_contiguous()
+        torch.testing.assert_close(out, F.linear(permuted, weight))
+    strided = torch.randn(rows, 48)[:, ::2]  # the input dimension itself strided
+    torch.testing.assert_close(project(strided, weight), F.linear(strided, weight))
+
+
+def test_project_takes_the_transposed_product_for_two_to_few_rows_on_a_cpu(monkeypatch):
+    # so the equality tests above do exercise the transposed product, not F.linear on both sides
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *args: calls.append(args[0].shape[:-1].numel()) or linear(*args))
+    weight = torch.randn(40, 24)
+    for rows in ALL_ROW_COUNTS:
+        project(torch.randn(rows, 24), weight)
+    assert calls == [1] + list(range(FEW_ROWS + 1, FEW_ROWS + 4))
+
+
+@pytest.mark.parametrize("shape", [(2, 24), (1, 3, 24), (2, 4, 24)])
+def test_project_gradients_equal_linears(shape):
+    x, weight = torch.randn(shape, requires_grad=True), torch.randn(40, 24, requires_grad=True)
+    upstream = torch.randn(*shape[:-1], 40)
+    x_grad, weight_grad = torch.autograd.grad((project(x, weight) * upstream).sum(), (x, weight))
+    want_x_grad, want_weight_grad = torch.autograd.grad((F.linear(x, weight) * upstream).sum(), (x, weight))
+    torch.testing.assert_close(x_grad, want_x_grad)
+    torch.testing.assert_close(weight_grad, want_weight_grad)
+
+
+@pytest.mark.parametrize("rows", [1, 3, FEW_ROWS + 2])
+def test_projection_is_a_bias_free_linear_computing_linear_with_its_weight(rows):
+    layer = Projection(24, 40)
+    assert isinstance(layer, torch.nn.Linear)
+    assert layer.bias is None and layer.weight.shape == (40, 24)
+    assert list(layer.state_dict()) == ["weight"]
+    x = torch.randn(rows, 24)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+    # a plain bias-free nn.Linear's state dict loads into it, and back
+    plain = torch.nn.Linear(24, 40, bias=False)
+    layer.load_state_dict(plain.state_dict())
+    assert torch.equal(layer.weight, plain.weight)
+    torch.testing.assert_close(layer(x), plain(x))
+
+
+def test_the_model_state_dict_keys_are_those_of_bias_free_linear_layers():
+    model = small_model()
+    keys = set(model.state_dict())
+    for name in ("query", "key_value", "out"):
+        assert f"blocks.0.attention.{name}.weight" in keys
+    for name in ("gate", "up", "down"):
+        assert f"blocks.1.mlp.{name}.weight" in keys
+    assert not [key for key in keys if "bias" in key]
+    projections = [module for module in model.modules() if isinstance(module, Projection)]
+    assert len(projections) == 2 * 6  # every attention and MLP matrix of both layers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +444,24 @@ def test_new_kv_cache_is_sized_for_the_model():
     assert model.new_kv_cache(1, max_len=10).max_len == 10
 
 
+@pytest.mark.parametrize("length", range(2, FEW_ROWS + 1))
+def test_a_few_positions_in_one_pass_match_them_one_at_a_time_through_the_cache(length):
+    # the few-row `project` path (a short prompt; speculative decoding's verify pass after a cached
+    # prefix) against single-row steps: so verification scores what plain decoding would
+    model = small_model()
+    ids = random_ids(1, 4 + length)
+    with torch.no_grad():
+        cache = model.new_kv_cache(1)
+        steps = torch.cat([model(ids[:, t : t + 1], kv_cache=cache).logits for t in range(4 + length)], dim=1)
+        prompt = model(ids[:, :length]).logits
+        cache = model.new_kv_cache(1)
+        model(ids[:, :4], kv_cache=cache)
+        verify = model(ids[:, 4:], kv_cache=cache).logits
+    assert prompt.shape == verify.shape == (1, length, VOCAB)
+    torch.testing.assert_close(prompt, steps[:, :length], rtol=0, atol=1e-5)
+    torch.testing.assert_close(verify, steps[:, 4:], rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # The embedding splice point
 
@@ -454,6 +564,22 @@ def test_ids_outside_the_vocabulary_name_the_range(model, bad):
     ids[0, 2] = bad
     with pytest.raises(ValueError, match=rf"token ids must lie in \[0, {VOCAB}\)"):
         model(ids)
+
+
+@pytest.mark.parametrize("low, high", [(-3, VOCAB + 5), (0, VOCAB), (-1, VOCAB - 1), (-7, -2)])
+def test_ids_outside_the_vocabulary_report_their_smallest_and_largest_values(low, high):
+    ids = random_ids(2, 6, vocab=VOCAB - 10) + 5  # all in 5 .. VOCAB - 6
+    ids[1, 3], ids[0, 0] = low, high
+    if high < 0:
+        ids = ids.clamp(max=high)
+    with pytest.raises(ValueError, match=rf"token ids must lie in \[0, {VOCAB}\), found values from {low} to {high}$"):
+        minigpt.model._check_ids(ids, VOCAB)
+
+
+def test_check_ids_accepts_ids_in_range_and_an_empty_sequence():
+    assert minigpt.model._check_ids(torch.tensor([[0, VOCAB - 1]]), VOCAB) is None
+    assert minigpt.model._check_ids(torch.zeros(1, 0, dtype=torch.long), VOCAB) is None
+    assert minigpt.model._check_ids(torch.zeros(3, 0, dtype=torch.int32), VOCAB) is None
 
 
 @pytest.mark.parametrize("shape", [(5,), (1, 2, 5)])

@@ -1,5 +1,6 @@
-"""Tests for minigpt/positions.py: RoPE frequencies, the pair rotation, relative positions, and
-the context-extension schemes (position interpolation, NTK-aware, dynamic NTK, YaRN).
+"""Tests for minigpt/positions.py: RoPE frequencies, the pair rotation (in each input dtype),
+relative positions, the context-extension schemes (position interpolation, NTK-aware, dynamic NTK,
+YaRN), and the module's cached table of angles (bit for bit what a fresh computation gives).
 
 The references here are written independently of the module: frequencies from the formula
 `base ** (-2i / head_dim)`, and rotations as complex multiplication, reading pair i of a vector as
@@ -226,6 +227,120 @@ def test_apply_rotary_keeps_float64_accuracy():
     got = apply_rotary(x, cos, sin)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, reference_rotate(x, [0, 1, 2], head_dim), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_apply_rotary_on_half_precision_rotates_in_float32_and_returns_the_input_dtype(dtype):
+    x = torch.randn(2, 3, 6, 16).to(dtype)
+    cos, sin = RotaryEmbedding(16)(10, 6)
+    got = apply_rotary(x, cos, sin)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got, apply_rotary(x.float(), cos, sin).to(dtype))  # the dtype's default tolerance
+    want = reference_rotate(x.float(), list(range(10, 16)), 16)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-2)
+
+
+def test_apply_rotary_on_float64_input_rotates_in_float64_with_float32_angles():
+    # the module's cos and sin are float32: a float64 input is rotated by those values in float64,
+    # never rounded through float32 itself
+    head_dim = 16
+    x = torch.randn(1, 2, 5, head_dim, dtype=torch.float64)
+    cos, sin = RotaryEmbedding(head_dim)(3, 5)
+    got = apply_rotary(x, cos, sin)
+    assert got.dtype == torch.float64
+    pairs = torch.complex(x[..., 0::2], x[..., 1::2]) * torch.complex(cos.double(), sin.double())
+    want = torch.stack((pairs.real, pairs.imag), dim=-1).flatten(-2)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert (got - apply_rotary(x.float(), cos, sin).double()).abs().max().item() > 1e-10  # float32 would show
+
+
+def test_apply_rotary_on_a_non_contiguous_input_equals_the_contiguous_one():
+    # the attention layer rotates q and k straight out of a rearranged projection: views, not copies
+    x = torch.randn(2, 5, 3, 16).transpose(1, 2)  # (B, H, T, head_dim), not contiguous
+    assert not x.is_contiguous()
+    cos, sin = RotaryEmbedding(16)(0, 5)
+    assert torch.equal(apply_rotary(x, cos, sin), apply_rotary(x.contiguous(), cos, sin))
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The module's table of angles: computed once, sliced, and bit for bit a fresh computation
+
+TABLE_SCHEMES = ["rope", "linear", "ntk", "yarn", "dynamic-ntk"]
+# growing one position at a time, then past the original context of 16 (dynamic NTK: angles that
+# depend on the total length), then back inside it
+TABLE_CALLS = [(0, 5), *((t, 1) for t in range(5, 14)), (0, 40), (3, 9), (0, 30), (29, 1), (16, 1), (2, 7), (15, 1)]
+
+
+def table_scaling(scheme: str) -> RopeScaling:
+    return RopeScaling(scheme, 4.0, 16)
+
+
+@pytest.mark.parametrize("scheme", TABLE_SCHEMES)
+def test_cached_angles_equal_a_fresh_module_and_a_direct_computation_bit_for_bit(scheme):
+    rotary = RotaryEmbedding(16, scaling=table_scaling(scheme))
+    for start, length in TABLE_CALLS:
+        cos, sin = rotary(start, length)
+        assert cos.shape == sin.shape == (length, 8)
+        fresh_cos, fresh_sin = RotaryEmbedding(16, scaling=table_scaling(scheme))(start, length)
+        direct_cos, direct_sin = rotary._cos_sin(start, start + length, None)
+        assert torch.equal(cos, fresh_cos) and torch.equal(sin, fresh_sin), (start, length)
+        assert torch.equal(cos, direct_cos) and torch.equal(sin, direct_sin), (start, length)
+
+
+def test_dynamic_ntk_past_its_context_neither_uses_nor_spoils_the_table():
+    rotary = RotaryEmbedding(16, scaling=table_scaling("dynamic-ntk"))
+    rotary(0, 3)
+    inside = [rotary(t, 1)[0] for t in range(16)]  # the table, grown 3, 6, 12, then (not 24) 16
+    past = rotary(29, 1)[0]  # total length 30: a stretched base
+    assert not torch.equal(past, RotaryEmbedding(16)(29, 1)[0])  # so the stretch is really there
+    assert torch.equal(past, RotaryEmbedding(16, scaling=table_scaling("dynamic-ntk"))(29, 1)[0])
+    plain = RotaryEmbedding(16)  # inside its context dynamic NTK is plain RoPE
+    for t in range(16):
+        assert torch.equal(rotary(t, 1)[0], inside[t]) and torch.equal(inside[t], plain(t, 1)[0]), t
+
+
+@pytest.mark.parametrize("new", ["linear", "ntk", "yarn", "dynamic-ntk"])
+def test_changing_the_scaling_after_a_call_gives_the_new_schemes_angles(new):
+    # what `minigpt.train.rope_scaling_applied` does: swap `rotary.scaling` for some steps, then back
+    rotary = RotaryEmbedding(16)
+    before = rotary(0, 24)  # past the original context of 16, so dynamic NTK differs from plain RoPE too
+    rotary.scaling = table_scaling(new)
+    for start, length in [(0, 24), (4, 3), (11, 1), (20, 4)]:
+        got = rotary(start, length)
+        want = RotaryEmbedding(16, scaling=table_scaling(new))(start, length)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (start, length)
+    assert not torch.equal(rotary(0, 24)[0], before[0])  # the schemes differ here: the test can tell
+    rotary.scaling = None
+    assert torch.equal(rotary(0, 24)[0], before[0]) and torch.equal(rotary(0, 24)[1], before[1])
+
+
+def test_the_table_grows_by_doubling_and_is_not_rebuilt_within_its_size():
+    rotary = RotaryEmbedding(16)
+    rotary(0, 3)
+    tables = [rotary._table]  # kept alive, so `is` below cannot be fooled by a reused id
+    for end in range(4, 101):  # decoding: one position at a time
+        rotary(end - 1, 1)
+        table = rotary._table
+        assert len(table[1]) >= end
+        if table is not tables[-1]:
+            assert len(table[1]) >= 2 * len(tables[-1][1])  # rebuilt only when too short, then doubled
+            tables.append(table)
+        elif end <= len(tables[-1][1]):
+            assert table is tables[-1]
+    assert [len(table[1]) for table in tables] == [3, 6, 12, 24, 48, 96, 192]
+    rotary(0, 50, "cpu")  # None and "cpu" are one device: no rebuild
+    rotary(7, 2, torch.device("cpu"))
+    assert rotary._table is tables[-1]
+
+
+def test_dynamic_ntk_table_stops_at_the_original_context():
+    rotary = RotaryEmbedding(16, scaling=table_scaling("dynamic-ntk"))
+    rotary(0, 5)
+    for t in range(5, 16):
+        rotary(t, 1)
+    assert len(rotary._table[1]) == 16  # doubling 5, 10 would reach 20, where the angles depend on the length
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Tests for minigpt/speculative.py: greedy speculative decoding gives the target's own greedy tokens
 with every drafter; sampled speculative decoding gives the target's distribution (a chi-square test
 against the exact distribution, with its false-failure rate stated and its power shown); the
-drafters' proposals and `_continuation` on hand-made lists; the Leviathan et al. formulas and the
-acceptance accounting by hand; and clear errors on bad inputs.
+drafters' proposals and `_continuation` on hand-made lists; `ModelDrafter`'s `min_confidence` (a
+round's draft ends after a token the draft itself found unlikely, with greedy output and sampled
+distribution unchanged); the Leviathan et al. formulas and the acceptance accounting by hand; and
+clear errors on bad inputs.
 
 Tiny random models throughout, re-drawn at a scale where the next token depends on the context
 (the default init gives nearly uniform, self-repeating outputs).
@@ -86,6 +88,22 @@ def test_greedy_speculative_decoding_with_a_draft_model_gives_the_targets_greedy
     if draft_kind == "noisy copy":
         assert result.accepted > 0  # ...and with a close draft some were kept
         assert result.target_passes < 30
+
+
+@pytest.mark.parametrize("min_confidence", [0.1, 0.3, 0.6, 1.0])
+@pytest.mark.parametrize("draft_kind", ["unrelated", "noisy copy"])
+def test_greedy_speculative_decoding_with_a_confidence_threshold_gives_the_targets_greedy_tokens(
+        target, draft_kind, min_confidence):
+    draft = tiny_model(1, n_layer=1) if draft_kind == "unrelated" else noisy_copy(target, 1, noise=0.3)
+    want = greedy_generate(target, PROMPT, 30)
+    result = speculative_generate(target, ModelDrafter(draft, min_confidence=min_confidence), PROMPT, 30, k=4)
+    assert result.tokens == want
+    lengths = [len(r.drafted) for r in result.rounds]
+    assert max(lengths) <= 4
+    if min_confidence >= 0.3:  # these tiny drafts (vocabulary 50) are never that sure: one token a round
+        assert max(lengths) <= 1
+    else:  # the threshold lets some rounds run to k and stops others early (the last few rounds ask for fewer)
+        assert 4 in lengths and any(0 < n < 4 for n in lengths[:-4])
 
 
 def test_greedy_prompt_lookup_decoding_gives_the_targets_greedy_tokens(target):
@@ -237,6 +255,41 @@ def test_speculative_sampling_with_a_draft_model_has_the_targets_distribution(sm
     assert statistic < critical, (statistic, critical)
 
 
+def test_speculative_sampling_with_a_confidence_threshold_has_the_targets_distribution(small_target, small_draft):
+    target_joint = exact_first_two(small_target, [0, 1], PLAIN)
+    observed = speculative_first_two(small_target, lambda: ModelDrafter(small_draft, min_confidence=0.5), PLAIN, 3)
+    statistic, critical = chi_square(observed, target_joint, RUNS)
+    assert statistic < critical, (statistic, critical)
+
+
+def rounds_cut_short(result: SpeculativeResult, max_tokens: int, k: int) -> tuple[int, int]:
+    """Rounds whose draft stopped before the k (or fewer, near the end) tokens asked for, and rounds that did not."""
+    short = full = emitted = 0
+    for r in result.rounds:
+        asked = min(k, max_tokens - emitted - 1)
+        if len(r.drafted) < asked:
+            short += 1
+        elif asked:
+            full += 1
+        emitted += r.accepted + 1
+    return short, full
+
+
+@pytest.mark.parametrize("min_confidence", [0.0, 0.5])
+def test_a_confidence_threshold_really_ends_some_sampled_rounds_early(small_target, small_draft, min_confidence):
+    # so the distribution test above covers drafts of every length, not only of k
+    short = full = 0
+    for seed in range(10):
+        result = speculative_generate(small_target, ModelDrafter(small_draft, min_confidence=min_confidence), [0, 1],
+                                      10, k=3, params=PLAIN, seed=seed)
+        counted = rounds_cut_short(result, 10, 3)
+        short, full = short + counted[0], full + counted[1]
+    if min_confidence == 0:
+        assert short == 0 and full > 0
+    else:
+        assert short > 0 and full > 0
+
+
 @pytest.mark.parametrize("params, max_tokens", [(PLAIN, 3), (TRUNCATED, 2)], ids=["plain", "truncated"])
 def test_speculative_sampling_with_a_fixed_prediction_has_the_targets_distribution(small_target, params, max_tokens):
     target_joint = exact_first_two(small_target, [0, 1], params)
@@ -309,6 +362,70 @@ def test_model_drafter_proposes_its_own_greedy_tokens_with_one_hot_probabilities
     assert proposal.probabilities.shape == (4, 50)
     assert proposal.probabilities.sum(dim=-1).tolist() == [1.0] * 4
     assert proposal.probabilities.argmax(dim=-1).tolist() == proposal.tokens
+
+
+@torch.no_grad()
+def greedy_confidences(draft: GPT, sequence: list[int], k: int, counts: torch.Tensor, presence: float = 0.0,
+                       frequency: float = 0.0) -> tuple[list[int], list[float]]:
+    """The draft's k greedy tokens after `sequence` (penalised by `counts` of earlier tokens) and the
+    probability it gave each: the softmax at temperature 1 of its penalised logits, each from a full pass."""
+    tokens, confidences, counts = [], [], counts.clone()
+    for _ in range(k):
+        logits = draft(torch.tensor([sequence + tokens])).logits[0, -1].float()
+        logits = logits - frequency * counts - presence * (counts > 0).float()
+        token = int(logits.argmax())
+        tokens.append(token), confidences.append(float(logits.softmax(dim=-1)[token]))
+        counts[token] += 1
+    return tokens, confidences
+
+
+@pytest.mark.parametrize("presence, frequency", [(0.0, 0.0), (0.8, 0.5)], ids=["plain", "penalised"])
+def test_model_drafter_stops_right_after_the_first_token_below_min_confidence(target, presence, frequency):
+    draft = tiny_model(1, n_layer=1)
+    params = SamplingParams(temperature=0, presence_penalty=presence, frequency_penalty=frequency)
+    continuation = greedy_generate(target, PROMPT, 12)
+    lengths = collections.Counter()
+    for cut in range(0, 12, 2):  # several contexts: the prompt and the target's continuation so far
+        sequence = PROMPT + continuation[:cut]
+        counts = torch.bincount(torch.tensor(continuation[:cut], dtype=torch.long), minlength=50).float()
+        tokens, confidences = greedy_confidences(draft, sequence, 4, counts, presence, frequency)
+        for min_confidence in (0.0, 0.07, 0.1, 0.13, 0.2, 1.0):
+            assert all(abs(c - min_confidence) > 1e-4 for c in confidences)  # no knife edge for float rounding
+            below = [i for i, c in enumerate(confidences) if c < min_confidence]
+            want = below[0] + 1 if below else 4
+            proposal = ModelDrafter(draft, min_confidence=min_confidence).propose(sequence, 4, params, counts, None)
+            assert proposal.tokens == tokens[:want], (cut, min_confidence, confidences)
+            assert proposal.probabilities.shape == (want, 50)
+            lengths[want] += 1
+            if min_confidence == 1.0:
+                assert want == 1  # every round drafts one token
+            if min_confidence == 0.0:
+                assert want == 4  # no threshold: k tokens
+    assert lengths[1] and lengths[4] and lengths[2] + lengths[3]  # every kind of stop happened
+
+
+def test_sampled_model_drafter_stops_after_the_first_token_it_drew_with_probability_below_min_confidence(target):
+    draft, min_confidence = tiny_model(1, n_layer=1), 0.015  # sampling 50 tokens: most draws have a few percent
+    lengths = collections.Counter()
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        proposal = ModelDrafter(draft, min_confidence=min_confidence).propose(list(PROMPT), 4, PLAIN,
+                                                                              torch.zeros(50), generator)
+        with torch.no_grad():  # each row is the draft's softmax after the tokens drawn before it
+            for i, row in enumerate(proposal.probabilities):
+                logits = draft(torch.tensor([PROMPT + proposal.tokens[:i]])).logits[0, -1]
+                torch.testing.assert_close(row, logits.softmax(dim=-1), rtol=0, atol=1e-5)
+        drawn = [float(row[token]) for row, token in zip(proposal.probabilities, proposal.tokens)]
+        assert all(p >= min_confidence for p in drawn[:-1])  # kept going after each of these...
+        assert len(drawn) == 4 or drawn[-1] < min_confidence  # ...and stopped only after an unlikely one
+        lengths[len(drawn)] += 1
+    assert lengths[4] and sum(lengths[n] for n in (1, 2, 3))
+
+
+@pytest.mark.parametrize("min_confidence", [-0.1, 1.5, float("nan")])
+def test_min_confidence_outside_zero_to_one_is_refused(target, min_confidence):
+    with pytest.raises(ValueError, match=r"min_confidence must be a probability in \[0, 1\]"):
+        ModelDrafter(target, min_confidence=min_confidence)
 
 
 # ---------------------------------------------------------------------------------------------
