@@ -5,10 +5,12 @@
 1. Draft-model speculative decoding against plain greedy decoding of the same target (`full`),
    identical output, with the acceptance rate, the cost ratio and Leviathan et al.'s predicted
    speed-up. The draft is `nano-draft`, `nano` distilled on `full`'s own choices
-   (`python -m minigpt.speculative distill`); `nano` as trained on the corpus is shown beside it.
-   Plain and speculative decoding take turns on each prompt, so a slow spell of the machine falls
-   on both. Also what verifying k + 1 positions costs in single-token passes, with the model's
-   few-row projection (`minigpt.model.project`) and with `F.linear` throughout. Goal: >= 1.5x.
+   (`python -m minigpt.speculative distill`); `nano` as trained on the corpus is shown beside it,
+   and so is `nano-draft` ending a round's draft after a token it gives less than `--min-confidence`
+   probability (`ModelDrafter`'s `min_confidence`). Plain and speculative decoding take turns on
+   each prompt, so a slow spell of the machine falls on both. Also what verifying k + 1 positions
+   costs in single-token passes, with the model's few-row projection (`minigpt.model.project`) and
+   with `F.linear` throughout. Goal: >= 1.5x.
 2. Predicted outputs on the editing task (the caller's original text is the draft) against plain
    greedy decoding by `mini-edit`, identical output; prompt-lookup decoding beside it, and how many
    of the edits the model gets exactly right. Goal: >= 3x.
@@ -30,7 +32,6 @@ import argparse
 import math
 import random
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -56,6 +57,16 @@ def timed(run):
     start = time.perf_counter()
     result = run()
     return time.perf_counter() - start, result
+
+
+def fastest(measures: dict, repeats: int) -> dict:
+    """Each measurement's smallest value over `repeats` rounds that take them in turn, so a slow spell
+    of the machine falls on all of them (the measurements return seconds)."""
+    best = {name: math.inf for name in measures}
+    for _ in range(repeats):
+        for name, measure in measures.items():
+            best[name] = min(best[name], measure())
+    return best
 
 
 def best_seconds(run, repeats: int):
@@ -84,19 +95,19 @@ def verify_pass(model: GPT, prompt: list[int], n_positions: int, repeats: int = 
     return (time.perf_counter() - start) / repeats
 
 
-@contextmanager
-def linear_for_every_row_count():
-    """Every projection through `F.linear`, the baseline for `minigpt.model.project`'s few-row path."""
+def with_linear(measure):
+    """`measure()` with every projection through `F.linear`: the baseline for `minigpt.model.project`."""
     saved, model_module.FEW_ROWS = model_module.FEW_ROWS, 1
     try:
-        yield
+        return measure()
     finally:
         model_module.FEW_ROWS = saved
 
 
-def draft_model_speedup(target: GPT, drafts: dict[str, GPT], prompts: list[list[int]], n: int, k: int,
-                        repeats: int, min_confidence: float) -> None:
-    """Speculative decoding of `target` with each draft against its plain greedy decoding.
+def draft_model_speedup(target: GPT, drafts: dict[str, tuple[GPT, float]], prompts: list[list[int]], n: int, k: int,
+                        repeats: int) -> None:
+    """Speculative decoding of `target` with each draft (a model and its `min_confidence`) against
+    plain greedy decoding of `target`.
 
     Each repeat times plain decoding and then every draft on the same prompt, so a slow spell of the
     machine falls on the baseline and the speed-up alike; each figure is the best of its repeats.
@@ -107,26 +118,30 @@ def draft_model_speedup(target: GPT, drafts: dict[str, GPT], prompts: list[list[
         reference = greedy(target, prompt, n)
         for repeat in range(repeats):
             plain[i] = min(plain[i], timed(lambda: greedy(target, prompt, n))[0])
-            for name, draft in drafts.items():
+            for name, (draft, min_confidence) in drafts.items():
                 seconds, result = timed(lambda: speculative.speculative_generate(
                     target, speculative.ModelDrafter(draft, min_confidence), prompt, n, k=k))
-                assert result.tokens == reference, f"speculative output with {name} differs from the target's greedy output"
+                assert result.tokens == reference, f"speculative output with {name} differs from full's greedy output"
                 speculative_seconds[name][i] = min(speculative_seconds[name][i], seconds)
                 if repeat == 0:
                     results[name].append(result)
-    target_step = best_seconds(lambda: greedy(target, prompts[0], 32), repeats)[0] / 32
-    verify_cost = min(verify_pass(target, prompts[0], k + 1) for _ in range(repeats)) / target_step
-    with linear_for_every_row_count():
-        linear_target_step = best_seconds(lambda: greedy(target, prompts[0], 32), repeats)[0] / 32
-        linear_verify_cost = min(verify_pass(target, prompts[0], k + 1) for _ in range(repeats)) / linear_target_step
-    print(f"1. draft-model speculative decoding of full (k={k}, min_confidence={min_confidence}), "
+    passes = fastest({"one": lambda: verify_pass(target, prompts[0], 1),
+                      "more": lambda: verify_pass(target, prompts[0], k + 1),
+                      "one, F.linear": lambda: with_linear(lambda: verify_pass(target, prompts[0], 1)),
+                      "more, F.linear": lambda: with_linear(lambda: verify_pass(target, prompts[0], k + 1))}, repeats)
+    verify_cost, linear_verify_cost = passes["more"] / passes["one"], passes["more, F.linear"] / passes["one, F.linear"]
+    steps = fastest({"target": lambda: timed(lambda: greedy(target, prompts[0], 32))[0] / 32,
+                     **{name: lambda draft=draft: timed(lambda: greedy(draft, prompts[0], 32))[0] / 32
+                        for name, (draft, _) in drafts.items()}}, repeats)
+    target_step = steps["target"]
+    print(f"1. draft-model speculative decoding of full (k={k}), "
           f"{len(prompts)} prompts x {n} tokens, greedy")
     print(f"   plain decoding: {sum(plain):.2f} s ({target_step * 1e3:.1f} ms per token)")
     print(f"   verifying {k + 1} positions in one pass costs {verify_cost:.2f} single-token passes "
           f"({linear_verify_cost:.2f} with F.linear for every row count)")
-    for name, draft in drafts.items():
+    for name, (draft, _) in drafts.items():
         total, runs = sum(speculative_seconds[name]), results[name]
-        draft_step = best_seconds(lambda: greedy(draft, prompts[0], 32), repeats)[0] / 32
+        draft_step = steps[name]
         judged = sum(min(r.accepted + 1, len(r.drafted)) for result in runs for r in result.rounds)
         alpha, cost_ratio = sum(result.accepted for result in runs) / judged, draft_step / target_step
         tokens_per_pass = sum(len(r.tokens) for r in runs) / sum(r.target_passes for r in runs)
@@ -219,8 +234,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, default=CHECKPOINT_DIR, help="where full, nano-draft, nano, "
                         "mini and mini-edit are")
     parser.add_argument("--k", type=int, default=4, help="draft tokens per round for the draft model")
-    parser.add_argument("--min-confidence", type=float, default=0.0, help="end a draft early after a token the "
-                        "draft model gives less than this probability (0: always draft k)")
+    parser.add_argument("--min-confidence", type=float, default=0.5, help="also run nano-draft ending a draft "
+                        "early after a token it gives less than this probability")
     parser.add_argument("--edit-k", type=int, default=16, help="draft tokens per round for predicted outputs")
     parser.add_argument("--repeats", type=int, default=5, help="each timing is the best of this many runs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for every measurement")
@@ -232,8 +247,10 @@ def main() -> None:
               for name in ("full", "nano-draft", "nano", "mini", "mini-edit")}
     tok = load_tokenizer(models["full"].config.tokenizer)
     prompts = [tok.encode(text) for text in SPECULATIVE_PROMPTS]
-    draft_model_speedup(models["full"], {"nano-draft": models["nano-draft"], "nano": models["nano"]}, prompts, 60,
-                        args.k, args.repeats, args.min_confidence)
+    drafts = {"nano-draft": (models["nano-draft"], 0.0),
+              f"nano-draft, min_confidence {args.min_confidence}": (models["nano-draft"], args.min_confidence),
+              "nano": (models["nano"], 0.0)}
+    draft_model_speedup(models["full"], drafts, prompts, 60, args.k, args.repeats)
     predicted_outputs_speedup(models["mini-edit"], tok, 6, 8, args.edit_k, args.repeats)
     cached_time_to_first_token({"full": models["full"], "mini": models["mini"]}, tok, 1000, args.repeats)
     constrained_throughput(models["mini"], tok, 4, args.repeats)

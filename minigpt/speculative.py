@@ -203,10 +203,10 @@ def _judge(p: torch.Tensor, q: torch.Tensor | None, token: int, params: Sampling
 
     `p` and `q` are the target's and draft's distributions (vocab,); q None is a fixed guess (a point mass).
     """
-    q = F.one_hot(torch.tensor(token), len(p)).float() if q is None else q
     if params.temperature == 0:
         target = int(p.argmax())
         return None if target == token else target
+    q = F.one_hot(torch.tensor(token), len(p)).float() if q is None else q
     if torch.rand((), generator=generator) < torch.clamp(p[token] / q[token], max=1.0):
         return None
     residual = (p - q).clamp(min=0)
