@@ -94,9 +94,9 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Speculative decoding scores a few positions in one pass and counts on that pass costing about
     what one position costs: a small model's pass is the time to read its weights, and the
     arithmetic for a few rows is small beside it. On a CPU, `F.linear` on 2 to 8 rows falls short of
-    that (its matrix multiply costs up to twice a single row in our measurements), while the
-    transposed product `weight @ x.T` costs little more than one row. The two agree up to float
-    rounding, so the choice is speed alone; `benchmarks/sampler.py` measures it.
+    that (its matrix multiply cost up to twice a single row in our measurements), while the
+    transposed product `weight @ x.T` costs markedly less. The two agree up to float rounding, so
+    the choice is speed alone; `benchmarks/sampler.py` measures it.
     """
     rows = x.shape[:-1].numel()
     if 1 < rows <= FEW_ROWS and x.device.type == "cpu":
